@@ -1,0 +1,446 @@
+//! Configuration: raw serde structs (unknown keys are errors) parsed once into a typed
+//! [`Config`]. Every error names the offending key path.
+//!
+//! The shipped `config.yaml` at the repository root documents every key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::session::Lifetimes;
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Client-facing listen address.
+    pub listen: SocketAddr,
+    pub upstream: UpstreamConfig,
+    pub redis: RedisConfig,
+    pub tokens: Lifetimes,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// Base URL of the homeserver (scheme, authority, optional path prefix without trailing `/`).
+    pub url: http::Uri,
+    pub connect_timeout: Duration,
+    /// Time allowed for the homeserver's response headers (after the request body was sent).
+    pub response_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    pub url: String,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// Largest JSON body the proxy reads itself (login, register, refresh, logout-ish).
+    pub max_json_body: usize,
+    /// Slowloris guard: time allowed to receive a request's headers.
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// A tracing filter directive (`info`, `matrix_refresh_proxy=debug` …); `RUST_LOG` wins.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// A configuration error, naming the key path.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+// ---- raw, as written in YAML ----
+
+/// `Some(None)` for an explicit `null`, `None` for a missing key.
+fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: Option<String>,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    redis: RawRedis,
+    #[serde(default)]
+    tokens: RawTokens,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Option<String>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Option<String>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTokens {
+    access_token_lifetime: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    refresh_token_lifetime: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    session_lifetime: Option<Option<String>>,
+    revoke_session_on_reuse: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    max_json_body: Option<u64>,
+    header_read_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
+}
+
+fn duration(key: &str, v: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+    let s = v.unwrap_or(default);
+    let d = humantime::parse_duration(s)
+        .map_err(|e| invalid(key, format!("not a duration ({e}): {s:?}")))?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn nullable_duration(
+    key: &str,
+    v: Option<Option<String>>,
+    default: Option<&str>,
+) -> Result<Option<Duration>, ConfigError> {
+    match v {
+        None => default.map(|d| duration(key, Some(d), d)).transpose(),
+        Some(None) => Ok(None),
+        Some(Some(s)) => duration(key, Some(&s), "").map(Some),
+    }
+}
+
+/// Environment variables that override the file (so a container needs no file edits).
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("MRP_LISTEN", "listen"),
+    ("MRP_UPSTREAM_URL", "upstream.url"),
+    ("MRP_REDIS_URL", "redis.url"),
+    ("MRP_LOG_LEVEL", "log.level"),
+];
+
+impl Config {
+    /// Reads and validates `path`, then applies `MRP_*` environment overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, |k| std::env::var(k).ok())
+    }
+
+    /// Parses YAML text; `env` supplies override variables.
+    pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut raw: Raw = if text.trim().is_empty() {
+            Raw::default()
+        } else {
+            // serde_yaml's messages carry the key path and the line ("tokens: unknown field …").
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?
+        };
+        if let Some(v) = env("MRP_LISTEN") {
+            raw.listen = Some(v);
+        }
+        if let Some(v) = env("MRP_UPSTREAM_URL") {
+            raw.upstream.url = Some(v);
+        }
+        if let Some(v) = env("MRP_REDIS_URL") {
+            raw.redis.url = Some(v);
+        }
+        if let Some(v) = env("MRP_LOG_LEVEL") {
+            raw.log.level = Some(v);
+        }
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: Raw) -> Result<Self, ConfigError> {
+        let listen_s = raw.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen = listen_s.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("not an address like 127.0.0.1:8080: {listen_s:?}"),
+            )
+        })?;
+
+        let url_s = raw
+            .upstream
+            .url
+            .ok_or_else(|| invalid("upstream.url", "missing (the homeserver's base URL)"))?;
+        let url: http::Uri = url_s
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|e| invalid("upstream.url", format!("not a URL ({e}): {url_s:?}")))?;
+        match url.scheme_str() {
+            Some("http") => {}
+            Some(other) => {
+                return Err(invalid(
+                    "upstream.url",
+                    format!("scheme {other:?} is not supported (use http)"),
+                ));
+            }
+            None => {
+                return Err(invalid(
+                    "upstream.url",
+                    "needs a scheme, e.g. http://127.0.0.1:8008",
+                ));
+            }
+        }
+        if url.authority().is_none() {
+            return Err(invalid("upstream.url", "needs a host"));
+        }
+        if url.query().is_some() {
+            return Err(invalid("upstream.url", "must not have a query"));
+        }
+        let upstream = UpstreamConfig {
+            url,
+            connect_timeout: duration(
+                "upstream.connect_timeout",
+                raw.upstream.connect_timeout.as_deref(),
+                "5s",
+            )?,
+            response_timeout: duration(
+                "upstream.response_timeout",
+                raw.upstream.response_timeout.as_deref(),
+                "5m",
+            )?,
+        };
+
+        let redis_url = raw
+            .redis
+            .url
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+        redis::Client::open(redis_url.as_str())
+            .map_err(|e| invalid("redis.url", format!("not a Redis URL: {}", e)))?;
+        let redis = RedisConfig {
+            url: redis_url,
+            connect_timeout: duration(
+                "redis.connect_timeout",
+                raw.redis.connect_timeout.as_deref(),
+                "1s",
+            )?,
+            response_timeout: duration(
+                "redis.response_timeout",
+                raw.redis.response_timeout.as_deref(),
+                "2s",
+            )?,
+        };
+
+        let t = raw.tokens;
+        let tokens = Lifetimes {
+            access: duration(
+                "tokens.access_token_lifetime",
+                t.access_token_lifetime.as_deref(),
+                "5m",
+            )?,
+            refresh_idle: nullable_duration(
+                "tokens.refresh_token_lifetime",
+                t.refresh_token_lifetime,
+                Some("7d"),
+            )?,
+            session: nullable_duration("tokens.session_lifetime", t.session_lifetime, None)?,
+            revoke_on_reuse: t.revoke_session_on_reuse.unwrap_or(true),
+        };
+        if let Some(r) = tokens.refresh_idle
+            && r < tokens.access
+        {
+            return Err(invalid(
+                "tokens.refresh_token_lifetime",
+                "shorter than tokens.access_token_lifetime: clients could never refresh",
+            ));
+        }
+
+        let max_json_body = raw.http.max_json_body.unwrap_or(64 * 1024);
+        if !(1024..=16 * 1024 * 1024).contains(&max_json_body) {
+            return Err(invalid(
+                "http.max_json_body",
+                "must be between 1024 and 16777216 bytes",
+            ));
+        }
+        let http = HttpConfig {
+            max_json_body: max_json_body as usize,
+            header_read_timeout: duration(
+                "http.header_read_timeout",
+                raw.http.header_read_timeout.as_deref(),
+                "30s",
+            )?,
+        };
+
+        let level = raw.log.level.unwrap_or_else(|| "info".to_owned());
+        tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
+            invalid(
+                "log.level",
+                format!("not a tracing filter ({e}): {level:?}"),
+            )
+        })?;
+        let format = match raw.log.format.as_deref().unwrap_or("pretty") {
+            "pretty" => LogFormat::Pretty,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("must be \"pretty\" or \"json\", not {other:?}"),
+                ));
+            }
+        };
+
+        Ok(Config {
+            listen,
+            upstream,
+            redis,
+            tokens,
+            http,
+            log: LogConfig { level, format },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, |_| None)
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../../config.yaml");
+        let c = parse(text).expect("config.yaml must parse");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.tokens.access, Duration::from_secs(300));
+        assert_eq!(c.tokens.refresh_idle, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(c.tokens.session, None);
+        assert!(c.tokens.revoke_on_reuse);
+    }
+
+    #[test]
+    fn minimal_and_defaults() {
+        let c = parse("upstream: {url: 'http://hs:8008/'}").unwrap();
+        assert_eq!(c.upstream.url.to_string(), "http://hs:8008/");
+        assert_eq!(c.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(c.http.max_json_body, 65536);
+        assert_eq!(c.tokens.refresh_idle, Some(Duration::from_secs(7 * 86400)));
+    }
+
+    #[test]
+    fn null_means_never() {
+        let c = parse("upstream: {url: 'http://hs'}\ntokens: {refresh_token_lifetime: null, session_lifetime: 30d}").unwrap();
+        assert_eq!(c.tokens.refresh_idle, None);
+        assert_eq!(c.tokens.session, Some(Duration::from_secs(30 * 86400)));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("upstream: {url: 'http://hs'}\nlisten: nope", "listen"),
+            ("tokens: {}", "upstream.url"),
+            ("upstream: {url: 'ftp://hs'}", "upstream.url"),
+            (
+                "upstream: {url: 'http://hs'}\ntokens: {access_token_lifetime: soon}",
+                "tokens.access_token_lifetime",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\ntokens: {access_token_lifetime: 0s}",
+                "tokens.access_token_lifetime",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\ntokens: {access_token_lifetime: 1h, refresh_token_lifetime: 1m}",
+                "tokens.refresh_token_lifetime",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {url: 'nope://x'}",
+                "redis.url",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nlog: {format: xml}",
+                "log.format",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nhttp: {max_json_body: 3}",
+                "http.max_json_body",
+            ),
+            ("upstream: {url: 'http://hs', extra: 1}", "extra"),
+            ("upstream: {url: 'http://hs'}\ntokenz: {}", "tokenz"),
+        ];
+        for (text, key) in cases {
+            let e = parse(text).expect_err(text).to_string();
+            assert!(
+                e.contains(key),
+                "{text:?} gave {e:?}, expected it to name {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn env_overrides_connection_settings() {
+        let env = |k: &str| match k {
+            "MRP_LISTEN" => Some("0.0.0.0:9999".to_owned()),
+            "MRP_UPSTREAM_URL" => Some("http://other:8448".to_owned()),
+            "MRP_REDIS_URL" => Some("redis+unix:///tmp/r.sock".to_owned()),
+            _ => None,
+        };
+        let c = Config::parse("upstream: {url: 'http://hs'}", env).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:9999");
+        assert_eq!(c.upstream.url.authority().unwrap().as_str(), "other:8448");
+        assert_eq!(c.redis.url, "redis+unix:///tmp/r.sock");
+    }
+}

@@ -1,0 +1,196 @@
+//! Errors the proxy answers itself, and their one mapping to HTTP.
+//!
+//! Classified by source: client input → 4xx, upstream → 502/504, store → 503. Every answer is a
+//! Matrix error `{"errcode","error"}` (spec "Standard error response"), except a store failure
+//! on `/refresh` (DESIGN.md §2: SDKs wipe the session on any JSON error from /refresh).
+
+use http::{HeaderValue, Response, StatusCode, header};
+use serde_json::json;
+
+use super::{Body, full};
+
+/// Seconds clients are asked to wait when the proxy itself is degraded.
+const RETRY_AFTER_SECS: u64 = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("Content not JSON.")]
+    NotJson,
+    #[error("{0}")]
+    BadJson(&'static str),
+    #[error("Missing parameter: {0}")]
+    MissingParam(&'static str),
+    #[error("{0}")]
+    InvalidParam(&'static str),
+    #[error("Request body too large")]
+    TooLarge,
+    /// `M_UNKNOWN_TOKEN`; `soft_logout` per spec "Soft logout".
+    #[error("{message}")]
+    UnknownToken {
+        soft_logout: bool,
+        message: &'static str,
+    },
+    #[error("{0}")]
+    MissingToken(&'static str),
+    /// Refresh token past its idle expiry or session end (as Synapse: 403).
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("Unsupported method")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// The session store is down, on any route but /refresh.
+    #[error("Session store temporarily unavailable")]
+    StoreUnavailable,
+    /// The session store is down, on /refresh: non-JSON body.
+    #[error("Session store temporarily unavailable, try again")]
+    RefreshStoreUnavailable,
+    #[error("Homeserver unreachable")]
+    UpstreamUnreachable,
+    #[error("Homeserver timed out")]
+    UpstreamTimeout,
+    #[error("Homeserver sent an invalid response")]
+    UpstreamInvalid,
+}
+
+impl ApiError {
+    /// The one mapping (no wildcard arm, so a new variant must be placed here).
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::NotJson => (StatusCode::BAD_REQUEST, "M_NOT_JSON"),
+            ApiError::BadJson(_) => (StatusCode::BAD_REQUEST, "M_BAD_JSON"),
+            ApiError::MissingParam(_) => (StatusCode::BAD_REQUEST, "M_MISSING_PARAM"),
+            ApiError::InvalidParam(_) => (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"),
+            ApiError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
+            ApiError::UnknownToken { .. } => (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN"),
+            ApiError::MissingToken(_) => (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
+            ApiError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN"),
+            ApiError::RefreshStoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN"),
+            ApiError::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
+            ApiError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "M_UNKNOWN"),
+            ApiError::UpstreamInvalid => (StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let (status, errcode) = self.status_and_code();
+        let message = self.to_string();
+        let retry = matches!(
+            self,
+            ApiError::StoreUnavailable | ApiError::RefreshStoreUnavailable
+        );
+        let (body, content_type) = match &self {
+            ApiError::RefreshStoreUnavailable => {
+                (format!("{message}\n"), "text/plain; charset=utf-8")
+            }
+            ApiError::UnknownToken { soft_logout, .. } => (
+                json!({"errcode": errcode, "error": message, "soft_logout": soft_logout})
+                    .to_string(),
+                "application/json",
+            ),
+            _ => (
+                json!({"errcode": errcode, "error": message}).to_string(),
+                "application/json",
+            ),
+        };
+        let mut res = Response::new(full(body));
+        *res.status_mut() = status;
+        res.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        if retry {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        super::cors(res.headers_mut());
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body(e: ApiError) -> (StatusCode, http::HeaderMap, String) {
+        let r = e.into_response();
+        let (p, b) = r.into_parts();
+        let bytes = b.collect().await.unwrap().to_bytes();
+        (
+            p.status,
+            p.headers,
+            String::from_utf8(bytes.to_vec()).unwrap(),
+        )
+    }
+
+    async fn json_row(e: ApiError, status: u16, code: &str) -> serde_json::Value {
+        let (s, h, b) = body(e).await;
+        assert_eq!(s.as_u16(), status);
+        assert_eq!(h[header::CONTENT_TYPE], "application/json");
+        assert_eq!(h["access-control-allow-origin"], "*");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["errcode"], code);
+        assert!(v["error"].is_string());
+        v
+    }
+
+    #[tokio::test]
+    async fn every_row() {
+        json_row(ApiError::NotJson, 400, "M_NOT_JSON").await;
+        json_row(ApiError::BadJson("x"), 400, "M_BAD_JSON").await;
+        json_row(
+            ApiError::MissingParam("refresh_token"),
+            400,
+            "M_MISSING_PARAM",
+        )
+        .await;
+        json_row(ApiError::InvalidParam("x"), 400, "M_INVALID_PARAM").await;
+        json_row(ApiError::TooLarge, 413, "M_TOO_LARGE").await;
+        let v = json_row(
+            ApiError::UnknownToken {
+                soft_logout: true,
+                message: "x",
+            },
+            401,
+            "M_UNKNOWN_TOKEN",
+        )
+        .await;
+        assert_eq!(v["soft_logout"], true);
+        let v = json_row(
+            ApiError::UnknownToken {
+                soft_logout: false,
+                message: "x",
+            },
+            401,
+            "M_UNKNOWN_TOKEN",
+        )
+        .await;
+        assert_eq!(v["soft_logout"], false);
+        json_row(ApiError::MissingToken("x"), 401, "M_MISSING_TOKEN").await;
+        json_row(ApiError::Forbidden("x"), 403, "M_FORBIDDEN").await;
+        json_row(ApiError::MethodNotAllowed, 405, "M_UNRECOGNIZED").await;
+        json_row(ApiError::BadRequest("x"), 400, "M_UNKNOWN").await;
+        json_row(ApiError::UpstreamUnreachable, 502, "M_UNKNOWN").await;
+        json_row(ApiError::UpstreamTimeout, 504, "M_UNKNOWN").await;
+        json_row(ApiError::UpstreamInvalid, 502, "M_UNKNOWN").await;
+
+        let (s, h, b) = body(ApiError::StoreUnavailable).await;
+        assert_eq!(s, 503);
+        assert_eq!(h[header::RETRY_AFTER], "2");
+        assert!(b.contains("M_UNKNOWN"));
+
+        // The one non-JSON answer.
+        let (s, h, b) = body(ApiError::RefreshStoreUnavailable).await;
+        assert_eq!(s, 503);
+        assert_eq!(h[header::RETRY_AFTER], "2");
+        assert!(
+            h[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain")
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&b).is_err());
+    }
+}

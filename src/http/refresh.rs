@@ -1,0 +1,76 @@
+//! `POST /refresh`, served by the proxy itself (spec "Refreshing access tokens"; never
+//! forwarded: the homeserver has no refresh tokens).
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use super::{ApiError, App, Body, json_response};
+use crate::proxy::read_limited;
+use crate::session::Refreshed;
+
+pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    match *req.method() {
+        // CORS preflight (spec "Web Browser Clients").
+        Method::OPTIONS => return Ok(json_response(StatusCode::OK, &json!({}))),
+        Method::POST => {}
+        _ => return Err(ApiError::MethodNotAllowed),
+    }
+    // No credential is needed and any given is ignored; Content-Type is not required.
+    let bytes = read_limited(req.into_body(), app.http.max_json_body)
+        .await
+        .map_err(|_| ApiError::BadRequest("Could not read the request body"))?
+        .ok_or(ApiError::TooLarge)?;
+    let body: Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::NotJson)?;
+    let obj = body
+        .as_object()
+        .ok_or(ApiError::BadJson("Request body must be a JSON object"))?;
+    let rt = match obj.get("refresh_token") {
+        None => return Err(ApiError::MissingParam("refresh_token")),
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(ApiError::InvalidParam("refresh_token must be a string")),
+    };
+    let outcome = app.sessions.refresh(rt).await.map_err(|e| {
+        tracing::warn!(error = %e, "refresh: session store unavailable");
+        ApiError::RefreshStoreUnavailable
+    })?;
+    match outcome {
+        Refreshed::Issued { pair, replay } => {
+            if replay {
+                tracing::debug!("refresh replayed inside the grace window");
+            }
+            let mut res = json_response(
+                StatusCode::OK,
+                &json!({
+                    "access_token": pair.access.expose(),
+                    "refresh_token": pair.refresh.expose(),
+                    "expires_in_ms": pair.expires_in_ms,
+                }),
+            );
+            // Tokens must not be cached by intermediaries (RFC 6749 §5.1).
+            res.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            Ok(res)
+        }
+        Refreshed::Unknown => Err(ApiError::UnknownToken {
+            soft_logout: false,
+            message: "Unknown refresh token",
+        }),
+        Refreshed::Reused { info, revoked } => {
+            // RFC 9700 §4.14.2: a rotated refresh token used again means two parties hold it.
+            tracing::warn!(
+                security_event = "refresh_token_reuse",
+                user_id = %info.user_id,
+                device_id = %info.device_id,
+                session_revoked = revoked,
+                "refresh token reused after its grace window"
+            );
+            Err(ApiError::UnknownToken {
+                soft_logout: false,
+                message: "Refresh token already used",
+            })
+        }
+        // As Synapse: 403, which every SDK handles as a clean logout (DESIGN.md §2).
+        Refreshed::Expired => Err(ApiError::Forbidden("The refresh token has expired")),
+    }
+}

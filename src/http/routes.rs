@@ -1,0 +1,191 @@
+//! Which requests the proxy intercepts.
+//!
+//! Matched on the literal path, as the homeservers route them (DESIGN.md §2 "Logout and
+//! devices": Conduit and Synapse match strictly: no trailing slash, no decoding of `%6C`, no
+//! `//`). Percent-decoding applies only inside path parameters (`/devices/%44H` is device `DH`).
+
+use http::Method;
+use percent_encoding::percent_decode_str;
+
+/// The class of a request, for routing and for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    Login,
+    Register,
+    Refresh,
+    Logout,
+    LogoutAll,
+    /// `DELETE /devices/{id}` with the decoded id.
+    DeleteDevice(String),
+    DeleteDevices,
+    ChangePassword,
+    Deactivate,
+    Passthrough,
+}
+
+impl Route {
+    /// A short name for logs and metrics (never the raw path).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::Login => "login",
+            Route::Register => "register",
+            Route::Refresh => "refresh",
+            Route::Logout | Route::LogoutAll => "logout",
+            Route::DeleteDevice(_) | Route::DeleteDevices => "devices",
+            Route::ChangePassword | Route::Deactivate => "account",
+            Route::Passthrough => "passthrough",
+        }
+    }
+}
+
+const CLIENT: &str = "/_matrix/client/";
+
+/// Versions under which the login/register endpoints exist (spec, plus legacy spellings).
+const LOGIN_VERSIONS: &[&str] = &["v3", "r0", "api/v1", "unstable"];
+/// `/refresh` was introduced under v1 by MSC2918 and moved to v3 (spec v1.3).
+const REFRESH_VERSIONS: &[&str] = &["v3", "r0", "v1", "unstable", "unstable/org.matrix.msc2918"];
+/// Session-ending endpoints: every spelling a homeserver may route. Being wide costs nothing,
+/// since purges happen only after the homeserver's 200.
+const ACCOUNT_VERSIONS: &[&str] = &["v3", "r0", "api/v1", "unstable"];
+
+/// Splits `/_matrix/client/<version>/<rest>` for one of `versions`; returns `rest`.
+fn under<'a>(path: &'a str, versions: &[&str]) -> Option<&'a str> {
+    let after = path.strip_prefix(CLIENT)?;
+    versions
+        .iter()
+        // Longest first, so "unstable/org.matrix.msc2918" wins over "unstable".
+        .filter_map(|v| after.strip_prefix(v)?.strip_prefix('/'))
+        .min_by_key(|rest| rest.len())
+}
+
+pub fn classify(method: &Method, path: &str) -> Route {
+    if under(path, REFRESH_VERSIONS) == Some("refresh") {
+        return Route::Refresh;
+    }
+    match under(path, LOGIN_VERSIONS) {
+        Some("login") => return Route::Login,
+        Some("register") => return Route::Register,
+        _ => {}
+    }
+    let Some(rest) = under(path, ACCOUNT_VERSIONS) else {
+        return Route::Passthrough;
+    };
+    match (method, rest) {
+        (&Method::POST, "logout") => Route::Logout,
+        (&Method::POST, "logout/all") => Route::LogoutAll,
+        (&Method::POST, "delete_devices") => Route::DeleteDevices,
+        (&Method::POST, "account/password") => Route::ChangePassword,
+        (&Method::POST, "account/deactivate") => Route::Deactivate,
+        (&Method::DELETE, r) => match r.strip_prefix("devices/") {
+            Some(id) if !id.is_empty() && !id.contains('/') => {
+                match percent_decode_str(id).decode_utf8() {
+                    Ok(d) => Route::DeleteDevice(d.into_owned()),
+                    Err(_) => Route::Passthrough,
+                }
+            }
+            _ => Route::Passthrough,
+        },
+        _ => Route::Passthrough,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(m: Method, p: &str) -> Route {
+        classify(&m, p)
+    }
+
+    #[test]
+    fn table() {
+        use Route::*;
+        let post = Method::POST;
+        let rows: &[(Method, &str, Route)] = &[
+            (post.clone(), "/_matrix/client/v3/login", Login),
+            (post.clone(), "/_matrix/client/r0/login", Login),
+            (post.clone(), "/_matrix/client/api/v1/login", Login),
+            (post.clone(), "/_matrix/client/unstable/login", Login),
+            (Method::GET, "/_matrix/client/v3/login", Login),
+            (post.clone(), "/_matrix/client/v3/register", Register),
+            (post.clone(), "/_matrix/client/r0/register", Register),
+            (
+                post.clone(),
+                "/_matrix/client/v3/register/available",
+                Passthrough,
+            ),
+            (post.clone(), "/_matrix/client/v3/login/", Passthrough),
+            (
+                post.clone(),
+                "/_matrix/client/v3/login/get_token",
+                Passthrough,
+            ),
+            (post.clone(), "/_matrix/client/v4/login", Passthrough),
+            (post.clone(), "/_matrix/client/v3/refresh", Refresh),
+            (post.clone(), "/_matrix/client/r0/refresh", Refresh),
+            (post.clone(), "/_matrix/client/v1/refresh", Refresh),
+            (post.clone(), "/_matrix/client/unstable/refresh", Refresh),
+            (
+                post.clone(),
+                "/_matrix/client/unstable/org.matrix.msc2918/refresh",
+                Refresh,
+            ),
+            (Method::GET, "/_matrix/client/v3/refresh", Refresh),
+            (post.clone(), "/_matrix/client/v3/refresh/", Passthrough),
+            (post.clone(), "/_matrix/client/v3//refresh", Passthrough),
+            (post.clone(), "/_matrix/client/v3/re%66resh", Passthrough),
+            (post.clone(), "/_matrix/client/v3/logout", Logout),
+            (post.clone(), "/_matrix/client/r0/logout", Logout),
+            (Method::GET, "/_matrix/client/v3/logout", Passthrough),
+            (post.clone(), "/_matrix/client/v3/logout/all", LogoutAll),
+            (post.clone(), "/_matrix/client/v3/logout/", Passthrough),
+            (
+                post.clone(),
+                "/_matrix/client/v3/delete_devices",
+                DeleteDevices,
+            ),
+            (
+                Method::DELETE,
+                "/_matrix/client/v3/devices/ABC",
+                DeleteDevice("ABC".into()),
+            ),
+            (
+                Method::DELETE,
+                "/_matrix/client/r0/devices/%44H",
+                DeleteDevice("DH".into()),
+            ),
+            (
+                Method::DELETE,
+                "/_matrix/client/v3/devices/a%2Fb",
+                DeleteDevice("a/b".into()),
+            ),
+            (Method::DELETE, "/_matrix/client/v3/devices/", Passthrough),
+            (
+                Method::DELETE,
+                "/_matrix/client/v3/devices/a/b",
+                Passthrough,
+            ),
+            (Method::GET, "/_matrix/client/v3/devices/ABC", Passthrough),
+            (
+                post.clone(),
+                "/_matrix/client/v3/account/password",
+                ChangePassword,
+            ),
+            (
+                post.clone(),
+                "/_matrix/client/v3/account/deactivate",
+                Deactivate,
+            ),
+            (
+                post.clone(),
+                "/_matrix/client/v3/account/whoami",
+                Passthrough,
+            ),
+            (Method::GET, "/_matrix/client/v3/sync", Passthrough),
+            (post.clone(), "/login", Passthrough),
+        ];
+        for (m, p, want) in rows {
+            assert_eq!(&c(m.clone(), p), want, "{m} {p}");
+        }
+    }
+}

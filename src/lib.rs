@@ -1,0 +1,75 @@
+//! matrix-refresh-proxy: Matrix refresh tokens (spec v1.3, MSC2918) for homeservers without them.
+//!
+//! See `DESIGN.md` in the shared folder for the behaviour contract, and README.md for operation.
+
+pub mod config;
+pub mod http;
+pub mod proxy;
+pub mod session;
+pub mod store;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::http::App;
+use crate::proxy::Upstream;
+use crate::session::{Sessions, SystemClock};
+use crate::store::{RedisSettings, RedisStore};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("redis: {0}")]
+    Store(#[from] session::StoreError),
+}
+
+/// How long in-flight requests may take to finish after shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Builds the application state from a validated config.
+pub fn app(config: &Config) -> Result<App, RunError> {
+    let store = RedisStore::new(&RedisSettings {
+        url: config.redis.url.clone(),
+        connect_timeout: config.redis.connect_timeout,
+        response_timeout: config.redis.response_timeout,
+    })?;
+    let sessions = Sessions::new(
+        store,
+        config.tokens.clone(),
+        Arc::new(SystemClock),
+        Box::new(rand::rngs::OsRng),
+    );
+    Ok(App {
+        sessions,
+        upstream: Upstream::new(&config.upstream),
+        http: config.http.clone(),
+    })
+}
+
+/// Runs the proxy until `shutdown` resolves, then drains. Integration tests call this too.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let app = Arc::new(app(&config)?);
+    tracing::info!(upstream = %config.upstream.url, "listening on {local}");
+    http::serve(listener, app, shutdown, DRAIN_TIMEOUT).await;
+    Ok(())
+}

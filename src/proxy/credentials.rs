@@ -1,0 +1,229 @@
+//! Finding and rewriting the client's access token (spec "Using access tokens"): the
+//! `Authorization: Bearer` header, or the legacy `access_token` query parameter.
+
+use http::HeaderMap;
+use http::header::{self, HeaderValue};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+/// Characters kept as they are in a rewritten query value.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// The token a request presents, and where.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Presented {
+    None,
+    Header(String),
+    Query(String),
+    /// Both forms at once, or several headers or parameters: ambiguous.
+    Conflicting,
+}
+
+impl std::fmt::Debug for Presented {
+    // Never print the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Presented::None => "None",
+            Presented::Header(_) => "Header(<redacted>)",
+            Presented::Query(_) => "Query(<redacted>)",
+            Presented::Conflicting => "Conflicting",
+        })
+    }
+}
+
+impl Presented {
+    pub fn token(&self) -> Option<&str> {
+        match self {
+            Presented::Header(t) | Presented::Query(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// The Bearer token of one `Authorization` value, if it is of that scheme.
+fn bearer(v: &HeaderValue) -> Option<String> {
+    let s = v.to_str().ok()?;
+    let (scheme, rest) = s.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let t = rest.trim_matches(' ');
+    (!t.is_empty()).then(|| t.to_owned())
+}
+
+/// Decoded `access_token` values of a query string.
+fn query_tokens(query: Option<&str>) -> Vec<String> {
+    query
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .filter(|(k, _)| k == "access_token")
+                .map(|(_, v)| v.into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What token a request carries. Non-Bearer `Authorization` schemes are not ours to judge and
+/// count as no token.
+pub fn presented(headers: &HeaderMap, query: Option<&str>) -> Presented {
+    let auth: Vec<&HeaderValue> = headers.get_all(header::AUTHORIZATION).iter().collect();
+    let q = query_tokens(query);
+    let h: Vec<String> = auth.iter().filter_map(|v| bearer(v)).collect();
+    match (auth.len(), h.len(), q.len()) {
+        (0, _, 0) => Presented::None,
+        (0, _, 1) => Presented::Query(q.into_iter().next().unwrap_or_default()),
+        (1, 1, 0) => Presented::Header(h.into_iter().next().unwrap_or_default()),
+        (1, 0, 0) => Presented::None,
+        (1, 0, 1) => Presented::Query(q.into_iter().next().unwrap_or_default()),
+        _ => Presented::Conflicting,
+    }
+}
+
+/// Whether any presented form (header or query) holds a string with a proxy token prefix.
+pub fn any_proxy_token(headers: &HeaderMap, query: Option<&str>) -> bool {
+    use crate::session::ProxyToken;
+    headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter_map(bearer)
+        .any(|t| ProxyToken::has_proxy_prefix(&t))
+        || query_tokens(query)
+            .iter()
+            .any(|t| ProxyToken::has_proxy_prefix(t))
+}
+
+/// Replaces the Bearer token (keeping one header).
+pub fn set_bearer(headers: &mut HeaderMap, token: &str) -> bool {
+    match HeaderValue::from_str(&format!("Bearer {token}")) {
+        Ok(mut v) => {
+            v.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, v);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Rewrites a query string, mapping each `access_token` value through `f` (`None` drops the
+/// parameter). Every other parameter keeps its exact spelling.
+pub fn rewrite_query(query: &str, f: impl Fn(&str) -> Option<String>) -> String {
+    query
+        .split('&')
+        .filter_map(|piece| {
+            let (k, v) = piece.split_once('=').unwrap_or((piece, ""));
+            let key: String = url::form_urlencoded::parse(format!("{k}=").as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            if key != "access_token" {
+                return Some(piece.to_owned());
+            }
+            let value: String = url::form_urlencoded::parse(format!("x={v}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            f(&value).map(|new| format!("access_token={}", utf8_percent_encode(&new, QUERY_VALUE)))
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Removes proxy tokens (any `mrpat_`/`mrprt_` value) from the header and the query. Used on
+/// /login and /register, where js-sdk sends its stale token and some homeservers reject any
+/// unknown token (DESIGN.md §2). Foreign tokens (appservice logins) stay.
+pub fn strip_proxy_tokens(headers: &mut HeaderMap, query: Option<&str>) -> Option<String> {
+    use crate::session::ProxyToken;
+    let keep: Vec<HeaderValue> = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter(|v| !bearer(v).is_some_and(|t| ProxyToken::has_proxy_prefix(&t)))
+        .cloned()
+        .collect();
+    headers.remove(header::AUTHORIZATION);
+    for v in keep {
+        headers.append(header::AUTHORIZATION, v);
+    }
+    query.map(|q| {
+        rewrite_query(q, |t| {
+            if ProxyToken::has_proxy_prefix(t) {
+                None
+            } else {
+                Some(t.to_owned())
+            }
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(values: &[&str]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for v in values {
+            m.append(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn finds_tokens() {
+        assert_eq!(presented(&h(&[]), None), Presented::None);
+        assert_eq!(
+            presented(&h(&["Bearer abc"]), None),
+            Presented::Header("abc".into())
+        );
+        assert_eq!(
+            presented(&h(&["bearer  abc "]), None),
+            Presented::Header("abc".into())
+        );
+        assert_eq!(presented(&h(&["Basic abc"]), None), Presented::None);
+        assert_eq!(presented(&h(&["Bearer"]), None), Presented::None);
+        assert_eq!(
+            presented(&h(&[]), Some("a=1&access_token=x%2By&b=2")),
+            Presented::Query("x+y".into())
+        );
+        assert_eq!(
+            presented(&h(&["Bearer a"]), Some("access_token=b")),
+            Presented::Conflicting
+        );
+        assert_eq!(
+            presented(&h(&["Bearer a", "Bearer b"]), None),
+            Presented::Conflicting
+        );
+        assert_eq!(
+            presented(&h(&[]), Some("access_token=a&access_token=b")),
+            Presented::Conflicting
+        );
+        assert_eq!(
+            presented(&h(&["Basic x"]), Some("access_token=b")),
+            Presented::Query("b".into())
+        );
+    }
+
+    #[test]
+    fn rewrites_query_in_place() {
+        let q = "since=s1%2F2&access_token=mrpat_x&timeout=30000";
+        assert_eq!(
+            rewrite_query(q, |_| Some("syt_a/b+c".into())),
+            "since=s1%2F2&access_token=syt%5Fa%2Fb%2Bc&timeout=30000".replace("%5F", "_")
+        );
+        assert_eq!(rewrite_query(q, |_| None), "since=s1%2F2&timeout=30000");
+        assert_eq!(rewrite_query("a&b=", |_| None), "a&b=");
+    }
+
+    #[test]
+    fn strips_only_proxy_tokens() {
+        let mut m = h(&["Bearer mrpat_whatever"]);
+        let q = strip_proxy_tokens(&mut m, Some("access_token=mrprt_x&user_id=%40a%3Ab"));
+        assert!(m.get(header::AUTHORIZATION).is_none());
+        assert_eq!(q.as_deref(), Some("user_id=%40a%3Ab"));
+        let mut m = h(&["Bearer as_token_123"]);
+        let q = strip_proxy_tokens(&mut m, Some("access_token=as_token_123"));
+        assert_eq!(m[header::AUTHORIZATION], "Bearer as_token_123");
+        assert_eq!(q.as_deref(), Some("access_token=as_token_123"));
+    }
+}

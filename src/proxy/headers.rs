@@ -1,0 +1,111 @@
+//! Proxy header hygiene, each rule with its reason.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not the message, and must
+/// not be forwarded. `Proxy-Authorization` carries credentials meant for this hop only.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn remove_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in &named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+/// Prepares request headers for the homeserver.
+/// - `X-Forwarded-For`: appends the peer, so the homeserver can log and rate-limit real clients.
+/// - `X-Forwarded-Proto`: the scheme the client used (the homeserver builds URLs from it).
+/// - `X-Forwarded-Host` keeps the client's `Host`, which is replaced by the upstream's own
+///   authority (the client sets it from the upstream URL) so virtual-hosted homeservers route.
+pub fn prepare_request(h: &mut HeaderMap, peer: IpAddr, proto: &'static str) {
+    remove_hop_by_hop(h);
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let prior: Vec<String> = h
+        .get_all(&xff)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    let mut value = prior.join(", ");
+    if !value.is_empty() {
+        value.push_str(", ");
+    }
+    value.push_str(&peer.to_string());
+    h.remove(&xff);
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(xff, v);
+    }
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
+    if let Some(host) = h.remove(header::HOST) {
+        h.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_forwarding() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("matrix.example.org"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        prepare_request(&mut h, "10.0.0.1".parse().unwrap(), "http");
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "te",
+            "upgrade",
+            "proxy-authorization",
+            "host",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} kept");
+        }
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "matrix.example.org");
+        assert_eq!(h[header::CONTENT_TYPE], "application/json");
+    }
+}

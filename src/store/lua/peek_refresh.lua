@@ -1,0 +1,33 @@
+-- Reads a refresh token's state; on reuse after grace, optionally revokes the session.
+-- KEYS: 1 refresh record, 2 session, 3 key index, 4 used-refresh set
+-- ARGV: 1 now ms, 2 refresh id, 3 revoke on reuse ('1'/'0')
+-- Returns {'unknown'} | {'expired'} | {'reused', user, device, revoked}
+--       | {'grace', sealed successor, successor access expiry} | {'live', sealed, user, device, end}
+local s = redis.call('HMGET', KEYS[2], 'u', 'd', 'end')
+local r = redis.call('HMGET', KEYS[1], 'st', 'ut', 'exp', 'next', 'natexp')
+if not s[1] then
+  if r[1] then
+    redis.call('DEL', KEYS[1])
+  end
+  return {'unknown'}
+end
+if not r[1] then
+  if redis.call('ZSCORE', KEYS[4], ARGV[2]) then
+    if ARGV[3] == '1' then
+      purge_session(KEYS[2], KEYS[3], KEYS[4])
+      return {'reused', s[1], s[2], '1'}
+    end
+    return {'reused', s[1], s[2], '0'}
+  end
+  return {'unknown'}
+end
+if r[1] == 'rotated' then
+  return {'grace', r[4], r[5]}
+end
+local now = tonumber(ARGV[1])
+local exp = tonumber(r[3])
+local send = tonumber(s[3])
+if (exp > 0 and now >= exp) or (send > 0 and now >= send) then
+  return {'expired'}
+end
+return {'live', r[2], s[1], s[2], s[3]}

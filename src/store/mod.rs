@@ -1,0 +1,5 @@
+//! Session storage implementations of [`crate::session::TokenStore`].
+
+pub mod redis;
+
+pub use self::redis::{RedisSettings, RedisStore};
