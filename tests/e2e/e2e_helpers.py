@@ -63,11 +63,11 @@ class Session:
 
     user_id: str
     device_id: str
-    access_token: str
-    refresh_token: str | None
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)
     expires_in_ms: int | None
     issued_at: float = field(default_factory=time.monotonic)
-    raw: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_response(cls, r: requests.Response, issued_at: float) -> "Session":

@@ -143,8 +143,8 @@ def test_long_poll_sync_released_by_event_after_expiry(proxy):
     api = proxy.api
     s = register(api, refresh=True)
     room = assert_ok(api.post(f"{CS}/createRoom", s.access_token, json={}))["room_id"]
+    other = login(api, s.user_id, refresh=True)  # before `since`: a new device wakes syncs up
     since = assert_ok(api.get(f"{CS}/sync", s.access_token, params={"timeout": 0}))["next_batch"]
-    other = login(api, s.user_id, refresh=True)
     result = {}
 
     def poll():
