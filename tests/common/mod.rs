@@ -1,0 +1,292 @@
+//! Black-box harness: a private redis-server, a fake homeserver and the real proxy binary.
+#![allow(dead_code)]
+
+pub mod fake_hs;
+pub mod redis;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+pub use fake_hs::FakeHs;
+pub use redis::RedisServer;
+
+/// The proxy binary under test, with its stderr captured for log assertions.
+pub struct ProxyProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    logs: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Token settings for a test proxy.
+#[derive(Clone)]
+pub struct ProxyOptions {
+    pub access: &'static str,
+    pub refresh: &'static str,
+    pub session: &'static str,
+    pub revoke_on_reuse: bool,
+    pub extra: String,
+    pub response_timeout: &'static str,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            access: "1h",
+            refresh: "\"7d\"",
+            session: "null",
+            revoke_on_reuse: true,
+            extra: String::new(),
+            response_timeout: "30s",
+        }
+    }
+}
+
+impl ProxyProcess {
+    pub fn start(upstream: &str, redis_url: &str, o: &ProxyOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = format!(
+            "listen: \"127.0.0.1:0\"\nupstream:\n  url: \"{upstream}\"\n  connect_timeout: \"2s\"\n  response_timeout: \"{}\"\nredis:\n  url: \"{redis_url}\"\n  connect_timeout: \"500ms\"\n  response_timeout: \"1s\"\ntokens:\n  access_token_lifetime: \"{}\"\n  refresh_token_lifetime: {}\n  session_lifetime: {}\n  revoke_session_on_reuse: {}\nlog:\n  level: \"debug\"\n{}",
+            o.response_timeout, o.access, o.refresh, o.session, o.revoke_on_reuse, o.extra
+        );
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, cfg).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_matrix-refresh-proxy"))
+            .arg("--config")
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .env_remove("MRP_LISTEN")
+            .env_remove("MRP_UPSTREAM_URL")
+            .env_remove("MRP_REDIS_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let l = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                    let _ = tx.send(addr);
+                }
+                let mut g = l.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("proxy did not start; logs:\n{}", logs.lock().unwrap()));
+        ProxyProcess {
+            child,
+            addr: addr.parse().unwrap(),
+            logs,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub type TestBody = BoxBody<Bytes, std::io::Error>;
+
+/// A response as a test sees it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    pub fn errcode(&self) -> String {
+        self.json()["errcode"].as_str().unwrap_or("").to_owned()
+    }
+}
+
+pub fn body(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Everything a black-box test needs.
+pub struct Harness {
+    pub redis: RedisServer,
+    pub hs: FakeHs,
+    pub proxy: ProxyProcess,
+    pub client: Client<HttpConnector, TestBody>,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with(ProxyOptions::default(), false).await
+    }
+
+    pub async fn with(o: ProxyOptions, persistent_redis: bool) -> Self {
+        let redis = if persistent_redis {
+            RedisServer::start_persistent()
+        } else {
+            RedisServer::start()
+        };
+        let hs = FakeHs::start().await;
+        let proxy = ProxyProcess::start(&hs.url(), &redis.url(), &o);
+        Harness {
+            redis,
+            hs,
+            proxy,
+            client: client(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        b: TestBody,
+    ) -> Reply {
+        let mut req =
+            Request::builder()
+                .method(method)
+                .uri(format!("{}{}", self.proxy.url(), path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = self
+            .client
+            .request(req.body(b).unwrap())
+            .await
+            .expect("proxy answered");
+        let (parts, b) = res.into_parts();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: b.collect().await.map(|c| c.to_bytes()).unwrap_or_default(),
+        }
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, v: Value) -> Reply {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut h = vec![("content-type", "application/json")];
+        if let Some(a) = &auth {
+            h.push(("authorization", a.as_str()));
+        }
+        self.send(Method::POST, path, &h, body(v.to_string())).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut h = vec![];
+        if let Some(a) = &auth {
+            h.push(("authorization", a.as_str()));
+        }
+        self.send(Method::GET, path, &h, body(Bytes::new())).await
+    }
+
+    /// Logs in `user` asking for a refresh token; returns the response JSON (asserting 200).
+    pub async fn login(&self, user: &str) -> Value {
+        self.login_with(user, json!({})).await
+    }
+
+    pub async fn login_with(&self, user: &str, extra: Value) -> Value {
+        let mut req = json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user},
+            "password": "secret",
+            "refresh_token": true,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        let r = self.post("/_matrix/client/v3/login", None, req).await;
+        assert_eq!(r.status, 200, "login failed: {:?}", r.json());
+        r.json()
+    }
+
+    pub async fn refresh(&self, rt: &str) -> Reply {
+        self.post(
+            "/_matrix/client/v3/refresh",
+            None,
+            json!({"refresh_token": rt}),
+        )
+        .await
+    }
+
+    pub async fn whoami(&self, at: &str) -> Reply {
+        self.get("/_matrix/client/v3/account/whoami", Some(at))
+            .await
+    }
+}
+
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// Asserts an `M_UNKNOWN_TOKEN` 401 with the given `soft_logout`.
+#[track_caller]
+pub fn assert_unknown_token(r: &Reply, soft: bool) {
+    assert_eq!(r.status, 401, "{:?}", r.json());
+    let v = r.json();
+    assert_eq!(v["errcode"], "M_UNKNOWN_TOKEN", "{v}");
+    assert_eq!(v["soft_logout"], soft, "{v}");
+}
+
+pub fn at(v: &Value) -> String {
+    v["access_token"].as_str().expect("access_token").to_owned()
+}
+
+pub fn rt(v: &Value) -> String {
+    v["refresh_token"]
+        .as_str()
+        .expect("refresh_token")
+        .to_owned()
+}
