@@ -258,41 +258,61 @@ def _redis_ping(sock_path: Path) -> bool:
         return False
 
 
+class Redis:
+    """Our own redis-server child on a unix socket (never the machine's Redis on 6379)."""
+
+    def __init__(self, workdir: Path, name: str = "redis"):
+        self.workdir = workdir
+        self.sock = workdir / "redis.sock"
+        self.log = LogFile(name, workdir / "redis.log")
+        LOGS.append(self.log)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+unix://{self.sock}"
+
+    def start(self) -> "Redis":
+        redis_bin = shutil.which("redis-server")
+        if redis_bin is None:
+            pytest.fail("redis-server not found: run scripts/e2e/setup.sh")
+        with open(self.log.path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [
+                    redis_bin,
+                    "--port", "0",
+                    "--unixsocket", str(self.sock),
+                    "--unixsocketperm", "700",
+                    "--save", "",
+                    "--appendonly", "no",
+                    "--dir", str(self.workdir),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 20
+        while not _redis_ping(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                _stop(self.proc)
+                pytest.fail(f"redis-server did not start:\n{_tail(self.log.path)}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+
 @pytest.fixture(scope="session")
-def redis_socket(tmp_path_factory) -> Path:
-    redis_bin = shutil.which("redis-server")
-    if redis_bin is None:
-        pytest.fail("redis-server not found: run scripts/e2e/setup.sh")
-    workdir = tmp_path_factory.mktemp("redis")
-    sock = workdir / "redis.sock"
-    log = LogFile("redis", workdir / "redis.log")
-    LOGS.append(log)
-    with open(log.path, "wb") as logf:
-        proc = subprocess.Popen(
-            [
-                redis_bin,
-                "--port", "0",
-                "--unixsocket", str(sock),
-                "--unixsocketperm", "700",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(workdir),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 20
-    while not _redis_ping(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            pytest.fail(f"redis-server did not start:\n{_tail(log.path)}")
-        time.sleep(0.05)
+def redis_server(tmp_path_factory) -> Redis:
+    r = Redis(tmp_path_factory.mktemp("redis")).start()
     try:
-        yield sock
+        yield r
     finally:
-        _stop(proc)
+        r.stop()
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,14 +329,41 @@ def proxy_binary() -> Path:
 
 
 class Proxy:
-    def __init__(self, base_url: str, proc: subprocess.Popen, log: LogFile):
-        self.base_url = base_url
-        self.proc = proc
-        self.log = log
-        self.api = Api(base_url)
+    """The real proxy binary, configured through a YAML file like an operator would."""
+
+    def __init__(self, synapse: Synapse, redis: Redis, workdir: Path, name: str = "proxy",
+                 access_token_lifetime: str = f"{AT_LIFETIME:g}s",
+                 refresh_token_lifetime: str | None = RT_LIFETIME,
+                 session_lifetime: str | None = None):
+        self.workdir = workdir
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.api = Api(self.base_url)
+        self.log = LogFile(name, workdir / "proxy.log")
+        LOGS.append(self.log)
+        self.proc: subprocess.Popen | None = None
+
+        def dur(v):
+            return "null" if v is None else f'"{v}"'
+
+        self.config = workdir / "config.yaml"
+        self.config.write_text(
+            f"""listen: "127.0.0.1:{self.port}"
+upstream:
+  url: "{synapse.base_url}"
+redis:
+  url: "{redis.url}"
+tokens:
+  access_token_lifetime: {dur(access_token_lifetime)}
+  refresh_token_lifetime: {dur(refresh_token_lifetime)}
+  session_lifetime: {dur(session_lifetime)}
+  revoke_session_on_reuse: true
+"""
+        )
 
     @property
     def pid(self) -> int:
+        assert self.proc is not None
         return self.proc.pid
 
     def status_kb(self, field: str) -> int:
@@ -326,65 +373,61 @@ class Proxy:
                 return int(line.split()[1])
         raise KeyError(field)
 
+    def start(self) -> "Proxy":
+        binary = proxy_binary()
+        if not binary.exists():
+            pytest.fail(f"proxy binary {binary} not found: cargo build --bin matrix-refresh-proxy")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MRP_")}
+        env.setdefault("RUST_LOG", "info")
+        env.setdefault("RUST_BACKTRACE", "1")
+        with open(self.log.path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [str(binary), "--config", str(self.config)],
+                cwd=self.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"proxy exited with {self.proc.returncode} during startup:\n{_tail(self.log.path)}")
+            try:
+                if requests.get(f"{self.base_url}/_matrix/client/versions", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"proxy did not forward /versions within 30s:\n{_tail(self.log.path)}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
 
 @pytest.fixture(scope="session")
-def proxy(synapse: Synapse, redis_socket: Path, tmp_path_factory) -> Proxy:
-    binary = proxy_binary()
-    if not binary.exists():
-        pytest.fail(f"proxy binary {binary} not found: cargo build --bin matrix-refresh-proxy")
-    workdir = tmp_path_factory.mktemp("proxy")
-    port = free_port()
-    cfg = workdir / "config.yaml"
-    cfg.write_text(
-        f"""listen: "127.0.0.1:{port}"
-upstream:
-  url: "{synapse.base_url}"
-redis:
-  url: "redis+unix://{redis_socket}"
-tokens:
-  access_token_lifetime: "{AT_LIFETIME:g}s"
-  refresh_token_lifetime: "{RT_LIFETIME}"
-  session_lifetime: null
-  revoke_session_on_reuse: true
-"""
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MRP_")}
-    env.setdefault("RUST_LOG", "info")
-    env.setdefault("RUST_BACKTRACE", "1")
-    log = LogFile("proxy", workdir / "proxy.log")
-    LOGS.append(log)
-    with open(log.path, "wb") as logf:
-        proc = subprocess.Popen(
-            [str(binary), "--config", str(cfg)],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"proxy exited with {proc.returncode} during startup:\n{_tail(log.path)}")
-        try:
-            if requests.get(f"{base}/_matrix/client/versions", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            _stop(proc)
-            pytest.fail(f"proxy did not forward /versions within 30s:\n{_tail(log.path)}")
-        time.sleep(0.1)
+def proxy(synapse: Synapse, redis_server: Redis, tmp_path_factory) -> Proxy:
+    """The suite's main proxy: AT_LIFETIME access tokens, RT_LIFETIME refresh tokens."""
+    p = Proxy(synapse, redis_server, tmp_path_factory.mktemp("proxy")).start()
     try:
-        yield Proxy(base, proc, log)
+        yield p
     finally:
-        _stop(proc)
+        p.stop()
 
 
 # --------------------------------------------------------------------------------------------
 # logs on failure
+
+
+@pytest.fixture
+def child_logs() -> list[LogFile]:
+    """The logs of every child process started so far (Synapse, redis, proxies)."""
+    return list(LOGS)
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,10 @@ CS = "/_matrix/client/v3"
 HTTP_TIMEOUT = 60
 
 
+# Every access/refresh token a test received, so the suite can check that none leaked into logs.
+SEEN_TOKENS: set[str] = set()
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
@@ -73,6 +77,7 @@ class Session:
     def from_response(cls, r: requests.Response, issued_at: float) -> "Session":
         assert r.status_code == 200, f"expected 200, got {r.status_code}: {r.text}"
         body = r.json()
+        SEEN_TOKENS.update(t for t in (body.get("access_token"), body.get("refresh_token")) if t)
         return cls(
             user_id=body["user_id"],
             device_id=body["device_id"],
@@ -94,6 +99,7 @@ class Session:
         assert isinstance(body.get("access_token"), str) and body["access_token"], body.keys()
         assert isinstance(body.get("refresh_token"), str) and body["refresh_token"], body.keys()
         assert isinstance(body.get("expires_in_ms"), int), body.keys()
+        SEEN_TOKENS.update((body["access_token"], body["refresh_token"]))
         return Session(
             user_id=self.user_id,
             device_id=self.device_id,

@@ -2,10 +2,11 @@
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from e2e_helpers import (AT_LIFETIME, CS, assert_alive, assert_dead, assert_ok,
+from e2e_helpers import (AT_LIFETIME, CS, Api, assert_alive, assert_dead, assert_ok,
                          assert_refresh_rejected, assert_unknown_token, login, register,
                          sleep_until, unique, wait_until_expired)
 
@@ -162,3 +163,32 @@ def test_long_poll_sync_released_by_event_after_expiry(proxy):
     body = assert_ok(result["r"], "long-poll sync released by an event after expiry")
     events = body.get("rooms", {}).get("join", {}).get(room, {}).get("timeline", {}).get("events", [])
     assert ev in [e["event_id"] for e in events]
+
+
+def test_parallel_refreshes_of_one_token_agree(proxy):
+    """Two processes refreshing at once (the grace): every answer is 200 with the same pair."""
+    s = register(proxy.api, refresh=True)
+    apis = [Api(proxy.base_url) for _ in range(8)]  # separate connections
+    with ThreadPoolExecutor(len(apis)) as pool:
+        answers = list(pool.map(lambda a: a.refresh(s.refresh_token), apis))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200] * len(apis), f"parallel refreshes answered {codes}"
+    pairs = {(r.json()["access_token"], r.json()["refresh_token"]) for r in answers}
+    assert len(pairs) == 1, f"parallel refreshes of one RT returned {len(pairs)} different pairs"
+    assert_alive(proxy.api, s.apply_refresh(answers[0]))
+
+
+def test_refresh_endpoint_methods(proxy):
+    api = proxy.api
+    r = api.request("OPTIONS", f"{CS}/refresh", headers={"Origin": "https://app.example",
+                                                          "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 200, f"OPTIONS /refresh: {r.status_code} {r.text}"
+    assert r.headers.get("Access-Control-Allow-Origin"), dict(r.headers)
+    r = api.get(f"{CS}/refresh")
+    assert r.status_code == 405 and r.json().get("errcode") == "M_UNRECOGNIZED", f"GET /refresh: {r.status_code} {r.text}"
+    # no credential needed and any Authorization ignored; no Content-Type needed
+    s = register(api, refresh=True)
+    r = api.post(f"{CS}/refresh", "mrpat_garbage", data=f'{{"refresh_token": "{s.refresh_token}"}}')
+    assert_alive(api, s.apply_refresh(r))
+    r = api.post(f"{CS}/refresh", data=b"not json")
+    assert r.status_code == 400 and r.json().get("errcode") == "M_NOT_JSON", f"{r.status_code} {r.text}"
