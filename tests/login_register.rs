@@ -202,6 +202,12 @@ async fn guests_and_inhibit_login_never_get_refresh_tokens() {
     assert_eq!(r.status, 200);
     assert!(r.json().get("refresh_token").is_none());
     assert!(FakeHs::is_upstream_token(&at(&r.json())));
+    assert!(
+        h.hs.requests_to("/register")[0]
+            .json()
+            .get("refresh_token")
+            .is_none()
+    );
     let r = h
         .post(
             "/_matrix/client/v3/register",

@@ -81,10 +81,11 @@ pub async fn handle(
     let mut ask = Ask::default();
     let mut forward_bytes = bytes.clone();
     // Not JSON, or not an object: not ours to judge, the homeserver answers.
-    if !guest && let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&bytes) {
+    if let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&bytes) {
         let (present, want) = take_flags(&mut obj)?;
         let inhibit = obj.get("inhibit_login") == Some(&Value::Bool(true));
-        ask.refresh = want && !inhibit;
+        // Guests and inhibit_login never get a refresh token (the flag is still ours to strip).
+        ask.refresh = want && !inhibit && !guest;
         ask.device_id = obj
             .get("device_id")
             .and_then(Value::as_str)

@@ -267,6 +267,36 @@ impl Harness {
     }
 }
 
+impl Drop for Harness {
+    /// Whatever a test did, the homeserver must never have seen a proxy token or a refresh flag.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        for r in self.hs.requests() {
+            let mut seen = format!("{:?} {}", r.query, String::from_utf8_lossy(&r.body));
+            for (_, v) in r.headers.iter() {
+                seen.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            }
+            assert!(
+                !seen.contains("mrpat_") && !seen.contains("mrprt_"),
+                "the homeserver saw a proxy token on {} {}",
+                r.method,
+                r.path
+            );
+            if r.path.ends_with("/login") || r.path.ends_with("/register") {
+                let b = r.json();
+                assert!(
+                    b.get("refresh_token").is_none()
+                        && b.get("org.matrix.msc2918.refresh_token").is_none(),
+                    "the homeserver saw a refresh flag on {}",
+                    r.path
+                );
+            }
+        }
+    }
+}
+
 pub fn client() -> Client<HttpConnector, TestBody> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
