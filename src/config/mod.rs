@@ -45,6 +45,10 @@ pub struct HttpConfig {
     pub max_json_body: usize,
     /// Slowloris guard: time allowed to receive a request's headers.
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no byte moving for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most client connections open at once; beyond it the proxy stops accepting.
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,6 +144,8 @@ struct RawTokens {
 struct RawHttp {
     max_json_body: Option<u64>,
     header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -315,6 +321,13 @@ impl Config {
                 "must be between 1024 and 16777216 bytes",
             ));
         }
+        let max_connections = raw.http.max_connections.unwrap_or(10_000);
+        if !(1..=1_000_000).contains(&max_connections) {
+            return Err(invalid(
+                "http.max_connections",
+                "must be between 1 and 1000000",
+            ));
+        }
         let http = HttpConfig {
             max_json_body: max_json_body as usize,
             header_read_timeout: duration(
@@ -322,6 +335,8 @@ impl Config {
                 raw.http.header_read_timeout.as_deref(),
                 "30s",
             )?,
+            idle_timeout: duration("http.idle_timeout", raw.http.idle_timeout.as_deref(), "75s")?,
+            max_connections: max_connections as usize,
         };
 
         let level = raw.log.level.unwrap_or_else(|| "info".to_owned());

@@ -1,5 +1,6 @@
 //! The client-facing side: listener, router and the proxy's own answers.
 
+mod conn;
 pub mod error;
 mod forward;
 mod login;
@@ -22,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::config::HttpConfig;
 use crate::proxy::Upstream;
@@ -29,6 +31,9 @@ use crate::session::Sessions;
 use crate::store::RedisStore;
 pub use error::ApiError;
 use routes::Route;
+
+/// Largest request head (request line and headers) the proxy accepts.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every response and forwarded request: streamed or in memory.
@@ -118,14 +123,27 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(app.http.header_read_timeout)
-        .max_buf_size(64 * 1024);
+        // Bounds the request head (431 beyond it).
+        .max_buf_size(MAX_HEAD_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(64 * 1024);
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_concurrent_streams(256);
     let graceful = GracefulShutdown::new();
+    // Past this many open connections the proxy stops accepting; the kernel backlog queues the
+    // rest.
+    let slots = Arc::new(Semaphore::new(app.http.max_connections));
+    let idle_timeout = app.http.idle_timeout;
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -138,16 +156,28 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let activity = conn::Activity::new();
                 let app = app.clone();
+                let act = activity.clone();
                 let svc = service_fn(move |req| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
+                    let in_flight = act.request();
+                    async move {
+                        let res = handle(app, req, peer).await;
+                        drop(in_flight);
+                        Ok::<_, Infallible>(res)
+                    }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
+                let io = TokioIo::new(conn::TrackedIo::new(stream, activity.clone()));
+                let conn = graceful.watch(builder.serve_connection(io, svc).into_owned());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                    let _permit = permit;
+                    tokio::select! {
+                        r = conn => if let Err(e) = r {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        },
+                        // Nothing in flight and nothing moving: close (no request is cut).
+                        () = activity.idle(idle_timeout) => tracing::debug!("closed an idle connection"),
                     }
                 });
             }

@@ -78,12 +78,11 @@ impl Upstream {
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout),
             Ok(Err(e)) => {
-                // A connect timeout surfaces as a connect error whose source is a timeout.
-                let text = error_chain(&e);
-                if e.is_connect() && text.contains("timed out") {
+                // A connect timeout surfaces as a connect error caused by a timeout.
+                if e.is_connect() && caused_by_timeout(&e) {
                     Err(UpstreamError::Timeout)
                 } else {
-                    Err(UpstreamError::Unreachable(text))
+                    Err(UpstreamError::Unreachable(error_chain(&e)))
                 }
             }
             Ok(Ok(r)) => Ok(r),
@@ -142,6 +141,20 @@ impl Upstream {
             Some((user, device))
         }))
     }
+}
+
+fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.is::<tokio::time::error::Elapsed>()
+            || c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
