@@ -63,7 +63,9 @@ class Api:
 
 @dataclass
 class Session:
-    """What a login/register answered, plus when it answered (for expiry waits)."""
+    """What a login/register/refresh answered, and when: the proxy issued the tokens somewhere
+    between issued_at (request sent) and received_at (answer read), so the AT expires between
+    expires_earliest() and expires_latest()."""
 
     user_id: str
     device_id: str
@@ -71,10 +73,18 @@ class Session:
     refresh_token: str | None = field(repr=False)
     expires_in_ms: int | None
     issued_at: float = field(default_factory=time.monotonic)
+    received_at: float = field(default_factory=time.monotonic)
     raw: dict = field(default_factory=dict, repr=False)
 
+    @staticmethod
+    def _times(r: requests.Response, issued_at: float | None) -> tuple[float, float]:
+        received = time.monotonic()
+        sent = issued_at if issued_at is not None else received - r.elapsed.total_seconds()
+        return sent, received
+
     @classmethod
-    def from_response(cls, r: requests.Response, issued_at: float) -> "Session":
+    def from_response(cls, r: requests.Response, issued_at: float | None = None) -> "Session":
+        sent, received = cls._times(r, issued_at)
         assert r.status_code == 200, f"expected 200, got {r.status_code}: {r.text}"
         body = r.json()
         SEEN_TOKENS.update(t for t in (body.get("access_token"), body.get("refresh_token")) if t)
@@ -84,16 +94,20 @@ class Session:
             access_token=body["access_token"],
             refresh_token=body.get("refresh_token"),
             expires_in_ms=body.get("expires_in_ms"),
-            issued_at=issued_at,
+            issued_at=sent,
+            received_at=received,
             raw=body,
         )
 
-    def expires_at(self) -> float:
+    def expires_earliest(self) -> float:
         return self.issued_at + (self.expires_in_ms or 0) / 1000.0
+
+    def expires_latest(self) -> float:
+        return self.received_at + (self.expires_in_ms or 0) / 1000.0
 
     def apply_refresh(self, r: requests.Response) -> "Session":
         """The session after a successful /refresh answer r (asserts the answer's shape)."""
-        t = time.monotonic()
+        sent, received = self._times(r, None)
         assert r.status_code == 200, f"/refresh: expected 200, got {r.status_code}: {r.text}"
         body = r.json()
         assert isinstance(body.get("access_token"), str) and body["access_token"], body.keys()
@@ -106,7 +120,8 @@ class Session:
             access_token=body["access_token"],
             refresh_token=body["refresh_token"],
             expires_in_ms=body["expires_in_ms"],
-            issued_at=t,
+            issued_at=sent,
+            received_at=received,
             raw=body,
         )
 
@@ -184,9 +199,9 @@ def sleep_until(deadline: float) -> None:
         time.sleep(delay)
 
 
-def wait_until_expired(s: Session, margin: float = 0.6) -> None:
+def wait_until_expired(s: Session, margin: float = 0.3) -> None:
     assert s.expires_in_ms is not None
-    sleep_until(s.expires_at() + margin)
+    sleep_until(s.expires_latest() + margin)
 
 
 def assert_ok(r: requests.Response, what: str = "") -> dict:

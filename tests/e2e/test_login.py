@@ -74,7 +74,7 @@ def test_without_flag_token_passes_through_and_never_expires(proxy):
         assert s.access_token.startswith("syt_"), f"{what}: token is not Synapse's own"
         assert s.refresh_token is None and s.expires_in_ms is None, f"{what}: {sorted(s.raw)}"
         assert_alive(api, s, what)
-    sleep_until(plain.issued_at + AT_LIFETIME + 1.0)
+    sleep_until(plain.received_at + AT_LIFETIME + 1.0)
     for what, s in (("register", reg), ("login refresh_token=false", explicit_false), ("login", plain)):
         assert_alive(api, s, f"{what}, after the proxy AT lifetime")
 
