@@ -72,6 +72,14 @@ pub fn presented(headers: &HeaderMap, query: Option<&str>) -> Presented {
     let auth: Vec<&HeaderValue> = headers.get_all(header::AUTHORIZATION).iter().collect();
     let q = query_tokens(query);
     let h: Vec<String> = auth.iter().filter_map(|v| bearer(v)).collect();
+    // A proxy token under another scheme (or in bytes that are not text) must neither be
+    // guessed at nor reach the homeserver.
+    if auth
+        .iter()
+        .any(|v| bearer(v).is_none() && has_proxy_prefix_bytes(v.as_bytes()))
+    {
+        return Presented::Conflicting;
+    }
     match (auth.len(), h.len(), q.len()) {
         (0, _, 0) => Presented::None,
         (0, _, 1) => Presented::Query(q.into_iter().next().unwrap_or_default()),
@@ -82,14 +90,17 @@ pub fn presented(headers: &HeaderMap, query: Option<&str>) -> Presented {
     }
 }
 
-/// Whether any presented form (header or query) holds a string with a proxy token prefix.
+fn has_proxy_prefix_bytes(b: &[u8]) -> bool {
+    b.windows(6).any(|w| w == b"mrpat_" || w == b"mrprt_")
+}
+
+/// Whether any presented form (header or query) holds something with a proxy token prefix.
 pub fn any_proxy_token(headers: &HeaderMap, query: Option<&str>) -> bool {
     use crate::session::ProxyToken;
     headers
         .get_all(header::AUTHORIZATION)
         .iter()
-        .filter_map(bearer)
-        .any(|t| ProxyToken::has_proxy_prefix(&t))
+        .any(|v| has_proxy_prefix_bytes(v.as_bytes()))
         || query_tokens(query)
             .iter()
             .any(|t| ProxyToken::has_proxy_prefix(t))
@@ -139,7 +150,7 @@ pub fn strip_proxy_tokens(headers: &mut HeaderMap, query: Option<&str>) -> Optio
     let keep: Vec<HeaderValue> = headers
         .get_all(header::AUTHORIZATION)
         .iter()
-        .filter(|v| !bearer(v).is_some_and(|t| ProxyToken::has_proxy_prefix(&t)))
+        .filter(|v| !has_proxy_prefix_bytes(v.as_bytes()))
         .cloned()
         .collect();
     headers.remove(header::AUTHORIZATION);

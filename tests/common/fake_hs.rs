@@ -241,6 +241,8 @@ async fn serve(st: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full<B
     // Route strictly, as Synapse and Conduit do: no `//`, no trailing slash, no decoding
     // outside path parameters. Anything else reaches the generic handler below.
     let strict = !rec.path.contains("//")
+        && !rec.path.contains("/../")
+        && !rec.path.contains("/./")
         && !rec.path.ends_with('/')
         && (!rec.path.contains('%') || rec.path.contains("/devices/"));
     let path = if strict {
