@@ -29,7 +29,7 @@ struct Ask {
 
 /// Reads and strips the refresh flags. A flag that is not a boolean is a client error and
 /// nothing is forwarded. Stable wins over unstable when both are present.
-fn take_flags(obj: &mut Map<String, Value>) -> Result<(bool, bool), ApiError> {
+pub fn take_flags(obj: &mut Map<String, Value>) -> Result<(bool, bool), ApiError> {
     let mut present = false;
     let mut want = None;
     for key in [STABLE_FLAG, UNSTABLE_FLAG] {
@@ -236,5 +236,61 @@ mod tests {
         assert!(is_guest(Some("a=b&kind=guest")));
         assert!(!is_guest(Some("kind=user")));
         assert!(!is_guest(None));
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,10}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just(STABLE_FLAG.to_owned()),
+                        Just(UNSTABLE_FLAG.to_owned()),
+                        ".{0,8}"
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Interception never panics, removes exactly the two flags, and keeps the rest.
+        #[test]
+        fn flags_are_stripped_and_nothing_else_changes(v in json()) {
+            let Value::Object(original) = v else { return Ok(()) };
+            let mut obj = original.clone();
+            match take_flags(&mut obj) {
+                Ok((present, _)) => {
+                    prop_assert!(!obj.contains_key(STABLE_FLAG) && !obj.contains_key(UNSTABLE_FLAG));
+                    prop_assert_eq!(present, original.contains_key(STABLE_FLAG) || original.contains_key(UNSTABLE_FLAG));
+                    let mut rest = original.clone();
+                    rest.remove(STABLE_FLAG);
+                    rest.remove(UNSTABLE_FLAG);
+                    prop_assert_eq!(obj, rest);
+                }
+                Err(_) => {
+                    let bad = |k: &str| original.get(k).is_some_and(|v| !v.is_boolean());
+                    prop_assert!(bad(STABLE_FLAG) || bad(UNSTABLE_FLAG));
+                }
+            }
+        }
     }
 }

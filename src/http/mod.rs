@@ -3,7 +3,7 @@
 mod conn;
 pub mod error;
 mod forward;
-mod login;
+pub mod login;
 mod refresh;
 pub mod routes;
 

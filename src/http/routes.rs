@@ -189,3 +189,47 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn method() -> impl Strategy<Value = Method> {
+        prop_oneof![
+            Just(Method::GET),
+            Just(Method::POST),
+            Just(Method::PUT),
+            Just(Method::DELETE),
+            Just(Method::OPTIONS),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_paths_never_panic(m in method(), p in any::<String>()) {
+            let _ = classify(&m, &p);
+        }
+
+        /// Anything appended to an intercepted path makes it a different path, which the
+        /// homeserver would not route to that handler either: not intercepted.
+        #[test]
+        fn suffixes_are_not_intercepted(
+            ver in prop_oneof![Just("v3"), Just("r0"), Just("unstable"), Just("api/v1")],
+            ep in prop_oneof![Just("login"), Just("register"), Just("refresh"), Just("logout"), Just("logout/all")],
+            suffix in "[/%a-zA-Z0-9.]{1,8}",
+        ) {
+            prop_assume!(!(ep == "logout" && suffix == "/all"));
+            let p = format!("/_matrix/client/{ver}/{ep}{suffix}");
+            prop_assert_eq!(classify(&Method::POST, &p), Route::Passthrough, "{}", p);
+        }
+
+        /// Device ids round-trip through percent-encoding.
+        #[test]
+        fn device_ids_are_decoded(id in "[^/]{1,20}") {
+            let enc = percent_encoding::utf8_percent_encode(&id, percent_encoding::NON_ALPHANUMERIC).to_string();
+            let p = format!("/_matrix/client/v3/devices/{enc}");
+            prop_assert_eq!(classify(&Method::DELETE, &p), Route::DeleteDevice(id));
+        }
+    }
+}

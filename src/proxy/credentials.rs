@@ -238,3 +238,35 @@ mod tests {
         assert_eq!(q.as_deref(), Some("access_token=as_token_123"));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Rewriting never panics and leaves every other parameter's spelling alone.
+        #[test]
+        fn rewrite_keeps_other_parameters(q in "[a-z_=&%0-9A-F+]{0,60}", t in "[ -~]{0,20}") {
+            let out = rewrite_query(&q, |_| Some(t.clone()));
+            let others = |s: &str| s.split('&').filter(|p| !p.starts_with("access_token=") && *p != "access_token").map(str::to_owned).collect::<Vec<_>>();
+            prop_assert_eq!(others(&out), others(&q));
+            // The new value decodes back to the token.
+            for (k, v) in url::form_urlencoded::parse(out.as_bytes()) {
+                if k == "access_token" {
+                    prop_assert_eq!(v.as_ref(), t.as_str());
+                }
+            }
+        }
+
+        #[test]
+        fn presented_never_panics(q in any::<String>(), a in "[ -~]{0,40}") {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&a) {
+                h.insert(header::AUTHORIZATION, v);
+            }
+            let _ = presented(&h, Some(&q));
+            let _ = strip_proxy_tokens(&mut h, Some(&q));
+        }
+    }
+}

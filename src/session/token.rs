@@ -284,3 +284,45 @@ mod tests {
         assert_eq!(SessionId::from_tag("nope"), None);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    proptest! {
+        /// parse(format(x)) == x for every generated token.
+        #[test]
+        fn generated_tokens_roundtrip(seed in any::<u64>(), refresh in any::<bool>()) {
+            let mut r = StdRng::seed_from_u64(seed);
+            let kind = if refresh { TokenKind::Refresh } else { TokenKind::Access };
+            let sid = SessionId::generate(&mut r);
+            let t = ProxyToken::generate(kind, sid, &mut r);
+            let p = ProxyToken::parse(t.expose()).unwrap();
+            prop_assert_eq!(p.expose(), t.expose());
+            prop_assert_eq!(p.session(), sid);
+            prop_assert_eq!(p.kind(), kind);
+        }
+
+        /// Arbitrary input never panics; whatever parses prints back to the same text.
+        #[test]
+        fn arbitrary_strings_never_panic(s in any::<String>()) {
+            if let Ok(t) = ProxyToken::parse(&s) {
+                prop_assert_eq!(t.expose(), s.as_str());
+            }
+        }
+
+        /// Near-misses of the right shape are rejected (checksum or alphabet).
+        #[test]
+        fn shaped_garbage_is_rejected(body in "[A-Za-z0-9_-]{64}", crc in "[0-9a-f]{8}") {
+            let s = format!("mrpat_{body}{crc}");
+            if let Ok(t) = ProxyToken::parse(&s) {
+                // Only possible when the random checksum happens to be right.
+                prop_assert_eq!(crc32fast::hash(&s.as_bytes()[..70]), u32::from_str_radix(&crc, 16).unwrap());
+                prop_assert_eq!(t.expose(), s.as_str());
+            }
+        }
+    }
+}
