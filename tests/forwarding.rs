@@ -245,14 +245,7 @@ async fn upstream_soft_logout_401_does_not_purge() {
 
 #[tokio::test]
 async fn a_request_valid_at_start_is_not_cut_off_when_its_token_expires() {
-    let h = Harness::with(
-        ProxyOptions {
-            access: "1s",
-            ..Default::default()
-        },
-        false,
-    )
-    .await;
+    let h = Harness::with_access("1s").await;
     let v = h.login("alice").await;
     let r = h
         .get("/_matrix/client/v3/sync?timeout=2000", Some(&at(&v)))

@@ -205,14 +205,7 @@ async fn fifty_parallel_refreshes_yield_one_identical_pair() {
 
 #[tokio::test]
 async fn expired_access_token_is_soft_logout_then_refresh_works() {
-    let h = Harness::with(
-        ProxyOptions {
-            access: "1s",
-            ..Default::default()
-        },
-        false,
-    )
-    .await;
+    let h = Harness::with_access("1s").await;
     let v = h.login("alice").await;
     assert_eq!(v["expires_in_ms"], 1000);
     assert_eq!(h.whoami(&at(&v)).await.status, 200);

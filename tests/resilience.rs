@@ -75,14 +75,7 @@ async fn redis_outage_gives_503_then_full_service_with_sessions_intact() {
 
 #[tokio::test]
 async fn no_token_ever_appears_in_the_logs() {
-    let h = Harness::with(
-        ProxyOptions {
-            access: "1s",
-            ..Default::default()
-        },
-        false,
-    )
-    .await;
+    let h = Harness::with_access("1s").await;
     let mut secrets = Vec::new();
     let v = h.login("alice").await;
     secrets.extend([at(&v), rt(&v)]);

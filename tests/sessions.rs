@@ -46,14 +46,7 @@ async fn logout_purges_the_whole_chain() {
 
 #[tokio::test]
 async fn logout_with_an_expired_access_token_still_logs_out() {
-    let h = Harness::with(
-        ProxyOptions {
-            access: "1s",
-            ..Default::default()
-        },
-        false,
-    )
-    .await;
+    let h = Harness::with_access("1s").await;
     let v = h.login("alice").await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let r = h

@@ -171,6 +171,18 @@ impl Harness {
         Self::with(ProxyOptions::default(), false).await
     }
 
+    /// A harness whose access tokens live `access` (a humantime duration).
+    pub async fn with_access(access: &'static str) -> Self {
+        Self::with(
+            ProxyOptions {
+                access,
+                ..Default::default()
+            },
+            false,
+        )
+        .await
+    }
+
     pub async fn with(o: ProxyOptions, persistent_redis: bool) -> Self {
         let redis = if persistent_redis {
             RedisServer::start_persistent()
