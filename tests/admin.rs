@@ -495,6 +495,34 @@ async fn request_id_is_propagated_or_generated() {
     assert_eq!(r.status, 401);
     assert_eq!(r.headers["x-request-id"], "error-id");
 
+    // The proxy's own whoami call (for a homeserver token on /logout/all) carries it too.
+    let plain = h
+        .post(
+            "/_matrix/client/v3/login",
+            None,
+            json!({"type": "m.login.password", "user": "bot"}),
+        )
+        .await
+        .json();
+    h.hs.clear_requests();
+    let auth = format!("Bearer {}", at(&plain));
+    let r = h
+        .send(
+            Method::POST,
+            "/_matrix/client/v3/logout/all",
+            &[("authorization", &auth), ("x-request-id", "logout-all-id")],
+            body("{}"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let whoami = h.hs.requests_to("/account/whoami");
+    assert_eq!(whoami.len(), 1);
+    assert_eq!(whoami[0].headers["x-request-id"], "logout-all-id");
+    assert_eq!(
+        h.hs.requests_to("/logout/all")[0].headers["x-request-id"],
+        "logout-all-id"
+    );
+
     tokio::time::sleep(Duration::from_millis(100)).await;
     let logs = h.proxy.logs();
     let line = logs
@@ -605,4 +633,37 @@ async fn json_logs_and_metrics_carry_no_tokens() {
     assert!(!metrics.contains("alice"));
     assert!(!metrics.contains("/_matrix"));
     assert!(!metrics.contains("DEV"));
+}
+
+#[tokio::test]
+async fn abandoned_requests_are_logged_and_leave_the_in_flight_gauge() {
+    let h = Harness::start().await;
+    let v = h.login("alice").await;
+    let auth = format!("Bearer {}", at(&v));
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("x-request-id", "gave-up"),
+    ];
+    let sync = h.send(
+        Method::GET,
+        "/_matrix/client/v3/sync?timeout=5000",
+        &headers,
+        body(""),
+    );
+    // The client gives up on its long poll.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sync)
+            .await
+            .is_err()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !h.proxy.logs().contains("abandoned") {
+        assert!(Instant::now() < deadline, "{}", h.proxy.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = h.proxy.logs();
+    let line = logs.lines().find(|l| l.contains("abandoned")).unwrap();
+    assert!(line.contains("request_id=\"gave-up\""), "{line}");
+    assert!(line.contains("route=\"passthrough\""), "{line}");
+    eventually_metric(&h, "mrp_http_requests_in_flight", &[], 0.0).await;
 }

@@ -125,7 +125,11 @@ pub async fn handle(
     );
     let (user, requester_device) = match (&session, presented.token()) {
         (Some(s), _) => (Some(s.info.user_id.clone()), Some(s.info.device_id.clone())),
-        (None, Some(t)) if needs_user => match app.upstream.whoami(t).await {
+        (None, Some(t)) if needs_user => match app
+            .upstream
+            .whoami(t, parts.headers.get(&super::request_id::HEADER))
+            .await
+        {
             Ok(Some((u, d))) => (Some(u), d),
             Ok(None) => (None, None),
             Err(e) => return Err(upstream_error(e)),

@@ -112,6 +112,13 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr)
     let request_id = RequestId::take_or_generate(req.headers_mut());
     let method = req.method().clone();
     let route = routes::classify(req.method(), req.uri().path());
+    let mut abandoned = Abandoned {
+        method: &method,
+        route: &route,
+        request_id: &request_id,
+        started,
+        armed: true,
+    };
     // Lines logged while handling (warnings, purges) carry the request id too.
     let span = tracing::info_span!("request", request_id = %request_id);
     let result = async {
@@ -123,6 +130,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr)
     }
     .instrument(span)
     .await;
+    abandoned.armed = false;
     let mut res = result.unwrap_or_else(ApiError::into_response);
     let user = res.extensions_mut().remove::<UserId>();
     res.headers_mut()
@@ -147,6 +155,31 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr)
         }
         .boxed()
     })
+}
+
+/// Logs the line of a request whose client went away before it was answered (hyper then drops
+/// the handler: a long-poll `/sync` the client gave up on, typically), so that every request
+/// still gets one line.
+struct Abandoned<'a> {
+    method: &'a http::Method,
+    route: &'a Route,
+    request_id: &'a RequestId,
+    started: Instant,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::info!(
+                method = %self.method,
+                route = self.route.name(),
+                latency_ms = self.started.elapsed().as_millis() as u64,
+                request_id = self.request_id.as_str(),
+                "request abandoned by the client before its answer"
+            );
+        }
+    }
 }
 
 /// A response body that holds an in-flight unit until it is dropped.

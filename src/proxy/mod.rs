@@ -130,10 +130,12 @@ impl Upstream {
         self.send(Request::from_parts(parts, body), call).await
     }
 
-    /// `GET /account/whoami` with `token`: who owns a token the proxy did not issue.
+    /// `GET /account/whoami` with `token`: who owns a token the proxy did not issue. The client
+    /// request's id goes with it, so the homeserver's logs tie the two together.
     pub async fn whoami(
         &self,
         token: &str,
+        request_id: Option<&HeaderValue>,
     ) -> Result<Option<(String, Option<String>)>, UpstreamError> {
         let uri = self
             .uri("/_matrix/client/v3/account/whoami", None)
@@ -145,6 +147,10 @@ impl Upstream {
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         if !credentials::set_bearer(req.headers_mut(), token) {
             return Ok(None);
+        }
+        if let Some(id) = request_id {
+            req.headers_mut()
+                .insert(crate::http::request_id::HEADER, id.clone());
         }
         let res = self.send(req, UpstreamCall::Whoami).await?;
         if res.status() != http::StatusCode::OK {
