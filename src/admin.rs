@@ -32,8 +32,22 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Open admin connections get this long to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Result of one readiness check: `Err` holds a short reason safe to show (no secrets).
-pub type Check = Result<(), String>;
+/// Why a readiness check failed; shown in the `/health/ready` body (no secrets: details such
+/// as error texts go to the debug log only).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CheckFailure {
+    #[error("PING failed")]
+    PingFailed,
+    #[error("unreachable")]
+    Unreachable,
+    #[error("timed out")]
+    TimedOut,
+    #[error("/versions answered {0}")]
+    Status(u16),
+}
+
+/// Result of one readiness check.
+pub type Check = Result<(), CheckFailure>;
 
 /// What `/health/ready` checks.
 pub trait Probes: Send + Sync + 'static {
@@ -50,27 +64,27 @@ impl Probes for AppProbes {
     async fn redis(&self) -> Check {
         self.0.sessions.store().ping().await.map_err(|e| {
             tracing::debug!(error = %e, "readiness: redis check failed");
-            "PING failed".to_owned()
+            CheckFailure::PingFailed
         })
     }
 
     async fn upstream(&self) -> Check {
         match self.0.upstream.versions().await {
             Ok(StatusCode::OK) => Ok(()),
-            Ok(status) => Err(format!("/versions answered {}", status.as_u16())),
-            Err(UpstreamError::Timeout) => Err("timed out".to_owned()),
+            Ok(status) => Err(CheckFailure::Status(status.as_u16())),
+            Err(UpstreamError::Timeout) => Err(CheckFailure::TimedOut),
             Err(UpstreamError::Unreachable(why)) => {
                 tracing::debug!(error = %why, "readiness: homeserver check failed");
-                Err("unreachable".to_owned())
+                Err(CheckFailure::Unreachable)
             }
         }
     }
 }
 
-fn show(c: &Check) -> &str {
+fn show(c: &Check) -> String {
     match c {
-        Ok(()) => "ok",
-        Err(why) => why,
+        Ok(()) => "ok".to_owned(),
+        Err(why) => why.to_string(),
     }
 }
 
@@ -117,7 +131,7 @@ impl<P: Probes> Readiness<P> {
         {
             return report.clone();
         }
-        let timed = |c: Option<Check>| c.unwrap_or_else(|| Err("timed out".to_owned()));
+        let timed = |c: Option<Check>| c.unwrap_or(Err(CheckFailure::TimedOut));
         let (redis, upstream) = tokio::join!(
             tokio::time::timeout(CHECK_TIMEOUT, self.probes.redis()),
             tokio::time::timeout(CHECK_TIMEOUT, self.probes.upstream()),
@@ -132,8 +146,8 @@ impl<P: Probes> Readiness<P> {
             .is_none_or(|(_, r)| r.ready() != report.ready());
         if changed && !report.ready() {
             tracing::warn!(
-                redis = show(&report.redis),
-                upstream = show(&report.upstream),
+                redis = %show(&report.redis),
+                upstream = %show(&report.upstream),
                 "not ready"
             );
         } else if changed {
@@ -277,7 +291,7 @@ mod tests {
                 std::future::pending::<()>().await;
             }
             if self.redis_down.load(Ordering::SeqCst) {
-                Err("PING failed".into())
+                Err(CheckFailure::PingFailed)
             } else {
                 Ok(())
             }
@@ -313,7 +327,7 @@ mod tests {
         fake.hang.store(true, Ordering::SeqCst);
         let r = Readiness::new(fake.clone());
         let report = r.check().await;
-        assert_eq!(report.redis, Err("timed out".to_owned()));
+        assert_eq!(report.redis, Err(CheckFailure::TimedOut));
         assert_eq!(report.upstream, Ok(()));
     }
 }

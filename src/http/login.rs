@@ -134,14 +134,12 @@ pub async fn handle(
     let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&res_bytes) else {
         return Ok(with_json_body(res_parts, res_bytes.to_vec()));
     };
-    let logged_user = obj
-        .get("user_id")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
     let user_id = obj
         .get("user_id")
         .and_then(Value::as_str)
         .map(str::to_owned);
+    // For the request log line only.
+    let logged_user = user_id.clone();
     let device_id = obj
         .get("device_id")
         .and_then(Value::as_str)
