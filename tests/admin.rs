@@ -97,6 +97,15 @@ async fn metrics_follow_login_refresh_request_logout() {
     assert_eq!(r.status, 200);
     // An unknown access token: 401, counted under its route and status.
     assert_unknown_token(&h.whoami(&at(&v)).await, false);
+    // Registration is its own route class.
+    let r = h
+        .post(
+            "/_matrix/client/v3/register",
+            None,
+            json!({"username": "newbie", "password": "x", "refresh_token": true}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
 
     eventually_metric(&h, "mrp_http_requests_in_flight", &[], 0.0).await;
     let t = h.metrics().await;
@@ -129,12 +138,13 @@ async fn metrics_follow_login_refresh_request_logout() {
         &t,
         "mrp_sessions_minted_total",
         &[("route", "register")],
-        0.0,
+        1.0,
     );
+    assert_metric(&t, "mrp_http_requests_total", &req("register", "200"), 1.0);
     assert_metric(&t, "mrp_sessions_purged_total", &[("cause", "logout")], 1.0);
     assert_metric(&t, "mrp_sessions_purged_total", &[("cause", "reuse")], 0.0);
-    // The homeserver saw login, whoami and logout; /refresh and the 401 never reach it.
-    for route in ["login", "passthrough", "logout"] {
+    // The homeserver saw login, whoami, logout and register; /refresh and the 401 never reach it.
+    for route in ["login", "passthrough", "logout", "register"] {
         assert_metric(
             &t,
             "mrp_upstream_request_duration_seconds_count",
@@ -150,12 +160,12 @@ async fn metrics_follow_login_refresh_request_logout() {
         ),
         None
     );
-    // Redis: one create and one rotation, every call timed, none failed.
+    // Redis: two creates and one rotation, every call timed, none failed.
     assert_metric(
         &t,
         "mrp_redis_command_duration_seconds_count",
         &[("op", "create")],
-        1.0,
+        2.0,
     );
     assert_metric(
         &t,
