@@ -2,8 +2,10 @@
 //!
 //! See `DESIGN.md` in the shared folder for the behaviour contract, and README.md for operation.
 
+pub mod admin;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod proxy;
 pub mod session;
 pub mod store;
@@ -17,9 +19,10 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::http::App;
+use crate::metrics::Metrics;
 use crate::proxy::Upstream;
 use crate::session::{Sessions, SystemClock};
-use crate::store::{RedisSettings, RedisStore};
+use crate::store::{Instrumented, RedisSettings, RedisStore};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -43,33 +46,50 @@ pub fn app(config: &Config) -> Result<App, RunError> {
         connect_timeout: config.redis.connect_timeout,
         response_timeout: config.redis.response_timeout,
     })?;
+    let metrics = Arc::new(Metrics::new());
     let sessions = Sessions::new(
-        store,
+        Instrumented::new(store, metrics.clone()),
         config.tokens.clone(),
         Arc::new(SystemClock),
         Box::new(rand::rngs::OsRng),
     );
     Ok(App {
         sessions,
-        upstream: Upstream::new(&config.upstream),
+        upstream: Upstream::new(&config.upstream, metrics.clone()),
         http: config.http.clone(),
+        metrics,
     })
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<(TcpListener, std::net::SocketAddr), RunError> {
+    let bind_error = |source| RunError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
 }
 
 /// Runs the proxy until `shutdown` resolves, then drains. Integration tests call this too.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| RunError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| RunError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let (listener, local) = bind(config.listen).await?;
+    let admin_listener = match config.admin.listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let app = Arc::new(app(&config)?);
+
+    // The admin listener stops once the client listener has drained.
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = admin_listener.map(|(listener, addr)| {
+        tracing::info!("admin listening on {addr}");
+        tokio::spawn(admin::serve(listener, app.clone(), async {
+            let _ = admin_stopped.await;
+        }))
+    });
     tracing::info!(upstream = %config.upstream.url, "listening on {local}");
     http::serve(listener, app, shutdown, DRAIN_TIMEOUT).await;
+    let _ = stop_admin.send(());
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
     Ok(())
 }

@@ -21,6 +21,14 @@ pub struct Config {
     pub tokens: Lifetimes,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
+}
+
+/// The operator listener (`/metrics`, `/health/live`, `/health/ready`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Its address, never the client one; `None` = no admin listener.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -110,6 +118,15 @@ struct Raw {
     http: RawHttp,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default, deserialize_with = "nullable")]
+    listen: Option<Option<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -183,6 +200,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("MRP_UPSTREAM_URL", "upstream.url"),
     ("MRP_REDIS_URL", "redis.url"),
     ("MRP_LOG_LEVEL", "log.level"),
+    ("MRP_ADMIN_LISTEN", "admin.listen"),
 ];
 
 impl Config {
@@ -214,6 +232,9 @@ impl Config {
         }
         if let Some(v) = env("MRP_LOG_LEVEL") {
             raw.log.level = Some(v);
+        }
+        if let Some(v) = env("MRP_ADMIN_LISTEN") {
+            raw.admin.listen = Some(Some(v));
         }
         Self::from_raw(raw)
     }
@@ -357,6 +378,10 @@ impl Config {
             }
         };
 
+        let admin = AdminConfig {
+            listen: admin_listen(raw.admin.listen, listen)?,
+        };
+
         Ok(Config {
             listen,
             upstream,
@@ -364,8 +389,39 @@ impl Config {
             tokens,
             http,
             log: LogConfig { level, format },
+            admin,
         })
     }
+}
+
+/// `admin.listen`: default `127.0.0.1:9090`, `null` disables. The admin endpoints are never
+/// served on the client port, so an address that would collide with `listen` is an error.
+fn admin_listen(
+    v: Option<Option<String>>,
+    client: SocketAddr,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let s = match v {
+        None => "127.0.0.1:9090".to_owned(),
+        Some(None) => return Ok(None),
+        Some(Some(s)) => s,
+    };
+    let addr: SocketAddr = s.parse().map_err(|_| {
+        invalid(
+            "admin.listen",
+            format!("not an address like 127.0.0.1:9090 (or null to disable): {s:?}"),
+        )
+    })?;
+    let overlapping_ip =
+        addr.ip() == client.ip() || addr.ip().is_unspecified() || client.ip().is_unspecified();
+    if addr.port() != 0 && addr.port() == client.port() && overlapping_ip {
+        return Err(invalid(
+            "admin.listen",
+            format!(
+                "{addr} collides with listen ({client}): the admin endpoints are never served on the client port"
+            ),
+        ));
+    }
+    Ok(Some(addr))
 }
 
 #[cfg(test)]
@@ -385,6 +441,28 @@ mod tests {
         assert_eq!(c.tokens.refresh_idle, Some(Duration::from_secs(7 * 86400)));
         assert_eq!(c.tokens.session, None);
         assert!(c.tokens.revoke_on_reuse);
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
+    }
+
+    #[test]
+    fn admin_listener() {
+        let c = parse("upstream: {url: 'http://hs'}").unwrap();
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
+        let c = parse("upstream: {url: 'http://hs'}\nadmin: {listen: null}").unwrap();
+        assert_eq!(c.admin.listen, None);
+        let c = parse("upstream: {url: 'http://hs'}\nadmin: {listen: '0.0.0.0:9100'}").unwrap();
+        assert_eq!(c.admin.listen, Some("0.0.0.0:9100".parse().unwrap()));
+        // Port 0 on both (tests): two different ephemeral ports.
+        let c = parse(
+            "listen: '127.0.0.1:0'\nupstream: {url: 'http://hs'}\nadmin: {listen: '127.0.0.1:0'}",
+        )
+        .unwrap();
+        assert_eq!(c.admin.listen, Some("127.0.0.1:0".parse().unwrap()));
+        // Same port on another specific address is fine.
+        parse("listen: '10.0.0.1:8080'\nupstream: {url: 'http://hs'}\nadmin: {listen: '127.0.0.1:8080'}").unwrap();
+        let env = |k: &str| (k == "MRP_ADMIN_LISTEN").then(|| "0.0.0.0:9999".to_owned());
+        let c = Config::parse("upstream: {url: 'http://hs'}\nadmin: {listen: null}", env).unwrap();
+        assert_eq!(c.admin.listen, Some("0.0.0.0:9999".parse().unwrap()));
     }
 
     #[test]
@@ -434,6 +512,23 @@ mod tests {
                 "http.max_json_body",
             ),
             ("upstream: {url: 'http://hs', extra: 1}", "extra"),
+            (
+                "upstream: {url: 'http://hs'}\nadmin: {listen: nope}",
+                "admin.listen",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nadmin: {listen: '127.0.0.1:8080'}",
+                "admin.listen",
+            ),
+            (
+                "listen: '0.0.0.0:8080'\nupstream: {url: 'http://hs'}\nadmin: {listen: '127.0.0.1:8080'}",
+                "admin.listen",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nadmin: {listen: '[::]:8080'}",
+                "admin.listen",
+            ),
+            ("upstream: {url: 'http://hs'}\nadmin: {port: 1}", "port"),
             ("upstream: {url: 'http://hs'}\ntokenz: {}", "tokenz"),
         ];
         for (text, key) in cases {

@@ -8,7 +8,8 @@ use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::routes::Route;
-use super::{ApiError, App, Body, full, stream};
+use super::{ApiError, App, Body, full, stream, with_user};
+use crate::metrics::{PurgeCause, UpstreamCall};
 use crate::proxy::credentials::{self, Presented};
 use crate::proxy::{UpstreamError, read_limited, relay};
 use crate::session::{Authenticated, ProxyToken, SessionAuth, TokenKind};
@@ -30,6 +31,18 @@ fn unknown(message: &'static str) -> ApiError {
     ApiError::UnknownToken {
         soft_logout: false,
         message,
+    }
+}
+
+/// Why a route's purge happens, for metrics (every route is named: no wildcard).
+fn purge_cause(route: &Route) -> Option<PurgeCause> {
+    match route {
+        Route::Logout => Some(PurgeCause::Logout),
+        Route::LogoutAll => Some(PurgeCause::LogoutAll),
+        Route::DeleteDevice(_) | Route::DeleteDevices => Some(PurgeCause::DeviceDelete),
+        Route::ChangePassword => Some(PurgeCause::PasswordChange),
+        Route::Deactivate => Some(PurgeCause::Deactivate),
+        Route::Login | Route::Register | Route::Refresh | Route::Passthrough => None,
     }
 }
 
@@ -112,7 +125,11 @@ pub async fn handle(
     );
     let (user, requester_device) = match (&session, presented.token()) {
         (Some(s), _) => (Some(s.info.user_id.clone()), Some(s.info.device_id.clone())),
-        (None, Some(t)) if needs_user => match app.upstream.whoami(t).await {
+        (None, Some(t)) if needs_user => match app
+            .upstream
+            .whoami(t, parts.headers.get(&super::request_id::HEADER))
+            .await
+        {
             Ok(Some((u, d))) => (Some(u), d),
             Ok(None) => (None, None),
             Err(e) => return Err(upstream_error(e)),
@@ -171,21 +188,31 @@ pub async fn handle(
 
     let res = app
         .upstream
-        .forward(parts, forward_body, &path, query_out.as_deref(), peer.ip())
+        .forward(
+            parts,
+            forward_body,
+            &path,
+            query_out.as_deref(),
+            peer.ip(),
+            UpstreamCall::for_route(&route),
+        )
         .await
         .map_err(upstream_error)?;
 
     if res.status() == StatusCode::UNAUTHORIZED
         && let Some(s) = &session
     {
-        return upstream_rejected(app, s, res).await;
+        let out = upstream_rejected(app, s, res).await?;
+        return Ok(with_user(out, user));
     }
-    if res.status() == StatusCode::OK {
+    if res.status() == StatusCode::OK
+        && let Some(cause) = purge_cause(&route)
+    {
         // Purge only after the homeserver's 200: homeservers differ and have bugs (Conduit's
         // /logout/all answers 401 for normal users).
-        apply_purge(app, purge, session.as_ref(), user.as_deref()).await;
+        apply_purge(app, purge, cause, session.as_ref(), user.as_deref()).await;
     }
-    Ok(relay(res))
+    Ok(with_user(relay(res), user))
 }
 
 /// The homeserver rejected the upstream token behind a live proxy session. `M_UNKNOWN_TOKEN`
@@ -207,11 +234,16 @@ async fn upstream_rejected(
     });
     if revoked {
         match app.sessions.revoke(s.sid).await {
-            Ok(_) => tracing::info!(
-                user_id = %s.info.user_id,
-                device_id = %s.info.device_id,
-                "homeserver revoked the upstream token; proxy session purged"
-            ),
+            Ok(purged) => {
+                if purged.is_some() {
+                    app.metrics.sessions_purged(PurgeCause::UpstreamRevoked, 1);
+                }
+                tracing::info!(
+                    user_id = %s.info.user_id,
+                    device_id = %s.info.device_id,
+                    "homeserver revoked the upstream token; proxy session purged"
+                )
+            }
             Err(e) => {
                 tracing::error!(error = %e, "could not purge a session the homeserver revoked")
             }
@@ -225,7 +257,13 @@ async fn upstream_rejected(
     Ok(Response::from_parts(parts, full(bytes)))
 }
 
-async fn apply_purge(app: &App, purge: Purge, session: Option<&SessionAuth>, user: Option<&str>) {
+async fn apply_purge(
+    app: &App,
+    purge: Purge,
+    cause: PurgeCause,
+    session: Option<&SessionAuth>,
+    user: Option<&str>,
+) {
     let result = match (purge, user) {
         (Purge::None, _) => return,
         (Purge::ThisSession, _) => match session {
@@ -246,7 +284,14 @@ async fn apply_purge(app: &App, purge: Purge, session: Option<&SessionAuth>, use
         (_, None) => return,
     };
     match result {
-        Ok(n) => tracing::info!(purged = n, "sessions ended after the homeserver's 200"),
+        Ok(n) => {
+            app.metrics.sessions_purged(cause, n);
+            tracing::info!(
+                purged = n,
+                cause = cause.as_str(),
+                "sessions ended after the homeserver's 200"
+            )
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not purge sessions after the homeserver's 200")
         }

@@ -9,7 +9,8 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 use super::routes::Route;
-use super::{ApiError, App, Body, full, stream};
+use super::{ApiError, App, Body, full, stream, with_user};
+use crate::metrics::{PurgeCause, UpstreamCall};
 use crate::proxy::{credentials, read_limited, relay, with_json_body};
 use crate::session::SessionInfo;
 
@@ -62,11 +63,19 @@ pub async fn handle(
     // A stale proxy token on /login or /register is dropped: some homeservers reject any unknown
     // token even here (DESIGN.md §2). Foreign tokens (appservice logins) stay.
     let query = credentials::strip_proxy_tokens(&mut parts.headers, parts.uri.query());
+    let call = UpstreamCall::for_route(&route);
 
     if parts.method != Method::POST {
         let res = app
             .upstream
-            .forward(parts, stream(body), &path, query.as_deref(), peer.ip())
+            .forward(
+                parts,
+                stream(body),
+                &path,
+                query.as_deref(),
+                peer.ip(),
+                call,
+            )
             .await
             .map_err(super::forward::upstream_error)?;
         return Ok(relay(res));
@@ -108,6 +117,7 @@ pub async fn handle(
             &path,
             query.as_deref(),
             peer.ip(),
+            call,
         )
         .await
         .map_err(super::forward::upstream_error)?;
@@ -128,6 +138,8 @@ pub async fn handle(
         .get("user_id")
         .and_then(Value::as_str)
         .map(str::to_owned);
+    // For the request log line only.
+    let logged_user = user_id.clone();
     let device_id = obj
         .get("device_id")
         .and_then(Value::as_str)
@@ -139,6 +151,7 @@ pub async fn handle(
         let asked = asked.clone();
         match app.sessions.revoke_user(user, |d| d == asked).await {
             Ok(n) if n > 0 => {
+                app.metrics.sessions_purged(PurgeCause::Relogin, n);
                 tracing::info!(user_id = %user, revoked = n, "re-login on a device ended its earlier sessions")
             }
             Ok(_) => {}
@@ -156,7 +169,7 @@ pub async fn handle(
         .and_then(Value::as_str)
         .map(str::to_owned);
     let has_own_refresh = obj.contains_key("refresh_token");
-    match (
+    let res = match (
         ask.refresh && !has_own_refresh,
         upstream_token,
         user_id,
@@ -171,6 +184,7 @@ pub async fn handle(
                     tracing::error!(error = %e, "could not store a new session");
                     ApiError::StoreUnavailable
                 })?;
+            app.metrics.session_minted(&route);
             obj.insert("access_token".into(), pair.access.expose().into());
             obj.insert("refresh_token".into(), pair.refresh.expose().into());
             obj.insert("expires_in_ms".into(), pair.expires_in_ms.into());
@@ -186,7 +200,8 @@ pub async fn handle(
             Ok(with_json_body(res_parts, res_bytes.to_vec()))
         }
         _ => Ok(with_json_body(res_parts, res_bytes.to_vec())),
-    }
+    };
+    res.map(|r| with_user(r, logged_user))
 }
 
 #[cfg(test)]

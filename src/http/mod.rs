@@ -5,19 +5,22 @@ pub mod error;
 mod forward;
 pub mod login;
 mod refresh;
+pub mod request_id;
 pub mod routes;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -25,11 +28,15 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use tracing::Instrument;
+
 use crate::config::HttpConfig;
+use crate::metrics::{InFlight, Metrics};
 use crate::proxy::Upstream;
 use crate::session::Sessions;
-use crate::store::RedisStore;
+use crate::store::Store;
 pub use error::ApiError;
+use request_id::RequestId;
 use routes::Route;
 
 /// Largest request head (request line and headers) the proxy accepts.
@@ -81,32 +88,129 @@ pub fn json_response(status: http::StatusCode, v: &serde_json::Value) -> Respons
 
 /// Everything a request handler needs.
 pub struct App {
-    pub sessions: Sessions<RedisStore>,
+    pub sessions: Sessions<Store>,
     pub upstream: Upstream,
     pub http: HttpConfig,
+    pub metrics: Arc<Metrics>,
 }
 
-/// Routes one request and logs one line for it (method, route class, status, latency: never
-/// the path's query or any header).
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+/// The Matrix user a request acted for. Handlers that know it put it in the response's
+/// extensions for the request log line; it never goes on the wire.
+#[derive(Clone, Debug)]
+pub struct UserId(pub String);
+
+/// Sets the [`UserId`] of a response.
+pub fn with_user(mut res: Response<Body>, user_id: Option<String>) -> Response<Body> {
+    if let Some(u) = user_id {
+        res.extensions_mut().insert(UserId(u));
+    }
+    res
+}
+
+/// Routes one request, records its metrics and logs one line for it: method, route class,
+/// status, latency, request id and user id when known; never the path, the query or any other
+/// header.
+pub async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let started = Instant::now();
+    let in_flight = app.metrics.in_flight();
+    // Set on the request before any handler runs, so it is forwarded with it.
+    let request_id = RequestId::take_or_generate(req.headers_mut());
     let method = req.method().clone();
     let route = routes::classify(req.method(), req.uri().path());
-    let route_name = route.name();
-    let result = match route {
-        Route::Refresh => refresh::handle(&app, req).await,
-        Route::Login | Route::Register => login::handle(&app, req, route, peer).await,
-        other => forward::handle(&app, req, other, peer).await,
+    let mut abandoned = Abandoned {
+        method: &method,
+        route: &route,
+        request_id: &request_id,
+        started,
+        armed: true,
     };
-    let res = result.unwrap_or_else(ApiError::into_response);
+    // Lines logged while handling (warnings, purges) carry the request id too.
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let result = async {
+        match &route {
+            Route::Refresh => refresh::handle(&app, req).await,
+            Route::Login | Route::Register => login::handle(&app, req, route.clone(), peer).await,
+            other => forward::handle(&app, req, other.clone(), peer).await,
+        }
+    }
+    .instrument(span)
+    .await;
+    abandoned.armed = false;
+    let mut res = result.unwrap_or_else(ApiError::into_response);
+    let user = res.extensions_mut().remove::<UserId>();
+    res.headers_mut()
+        .insert(request_id::HEADER, request_id.header_value());
+    let took = started.elapsed();
+    let status = res.status().as_u16();
+    app.metrics.request(&route, status, took);
     tracing::info!(
         %method,
-        route = route_name,
-        status = res.status().as_u16(),
-        ms = started.elapsed().as_millis() as u64,
+        route = route.name(),
+        status,
+        latency_ms = took.as_millis() as u64,
+        request_id = request_id.as_str(),
+        user_id = user.as_ref().map(|u| u.0.as_str()),
         "request"
     );
-    res
+    // The request stays in flight until its body is sent (or the client goes away).
+    res.map(|b| {
+        Tracked {
+            inner: b,
+            _in_flight: in_flight,
+        }
+        .boxed()
+    })
+}
+
+/// Logs the line of a request whose client went away before it was answered (hyper then drops
+/// the handler: a long-poll `/sync` the client gave up on, typically), so that every request
+/// still gets one line.
+struct Abandoned<'a> {
+    method: &'a http::Method,
+    route: &'a Route,
+    request_id: &'a RequestId,
+    started: Instant,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::info!(
+                method = %self.method,
+                route = self.route.name(),
+                latency_ms = self.started.elapsed().as_millis() as u64,
+                request_id = self.request_id.as_str(),
+                "request abandoned by the client before its answer"
+            );
+        }
+    }
+}
+
+/// A response body that holds an in-flight unit until it is dropped.
+struct Tracked {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains open connections for at

@@ -5,7 +5,8 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use super::{ApiError, App, Body, json_response};
+use super::{ApiError, App, Body, json_response, with_user};
+use crate::metrics::{PurgeCause, RefreshOutcome};
 use crate::proxy::read_limited;
 use crate::session::Refreshed;
 
@@ -32,12 +33,20 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>,
     };
     let outcome = app.sessions.refresh(rt).await.map_err(|e| {
         tracing::warn!(error = %e, "refresh: session store unavailable");
+        app.metrics.refresh(RefreshOutcome::StoreError);
         ApiError::RefreshStoreUnavailable
     })?;
     match outcome {
-        Refreshed::Issued { pair, replay } => {
+        Refreshed::Issued {
+            pair,
+            replay,
+            owner,
+        } => {
             if replay {
                 tracing::debug!("refresh replayed inside the grace window");
+                app.metrics.refresh(RefreshOutcome::GraceReplay);
+            } else {
+                app.metrics.refresh(RefreshOutcome::Ok);
             }
             let mut res = json_response(
                 StatusCode::OK,
@@ -50,13 +59,20 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>,
             // Tokens must not be cached by intermediaries (RFC 6749 §5.1).
             res.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            Ok(res)
+            Ok(with_user(res, owner.map(|o| o.user_id)))
         }
-        Refreshed::Unknown => Err(ApiError::UnknownToken {
-            soft_logout: false,
-            message: "Unknown refresh token",
-        }),
+        Refreshed::Unknown => {
+            app.metrics.refresh(RefreshOutcome::Unknown);
+            Err(ApiError::UnknownToken {
+                soft_logout: false,
+                message: "Unknown refresh token",
+            })
+        }
         Refreshed::Reused { info, revoked } => {
+            app.metrics.refresh(RefreshOutcome::ReuseDetected);
+            if revoked {
+                app.metrics.sessions_purged(PurgeCause::Reuse, 1);
+            }
             // RFC 9700 §4.14.2: a rotated refresh token used again means two parties hold it.
             tracing::warn!(
                 security_event = "refresh_token_reuse",
@@ -71,6 +87,9 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>,
             })
         }
         // As Synapse: 403, which every SDK handles as a clean logout (DESIGN.md §2).
-        Refreshed::Expired => Err(ApiError::Forbidden("The refresh token has expired")),
+        Refreshed::Expired => {
+            app.metrics.refresh(RefreshOutcome::Expired);
+            Err(ApiError::Forbidden("The refresh token has expired"))
+        }
     }
 }

@@ -5,7 +5,8 @@ pub mod credentials;
 pub mod headers;
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, Uri, header};
@@ -17,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
 use crate::http::{Body, BoxError, full};
+use crate::metrics::{Metrics, UpstreamCall, UpstreamFailure};
 
 /// Why the homeserver could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -36,10 +38,11 @@ pub struct Upstream {
     /// Path prefix without trailing `/` ("" for none).
     base_path: String,
     response_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Self {
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(cfg.connect_timeout));
         connector.set_nodelay(true);
@@ -57,6 +60,7 @@ impl Upstream {
             authority: parts.authority.expect("validated in config"),
             base_path: cfg.url.path().trim_end_matches('/').to_owned(),
             response_timeout: cfg.response_timeout,
+            metrics,
         }
     }
 
@@ -73,20 +77,37 @@ impl Upstream {
             .build()
     }
 
-    /// Sends a request (already rewritten) and waits for the response headers.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Err(_) => Err(UpstreamError::Timeout),
-            Ok(Err(e)) => {
-                // A connect timeout surfaces as a connect error caused by a timeout.
-                if e.is_connect() && caused_by_timeout(&e) {
-                    Err(UpstreamError::Timeout)
-                } else {
-                    Err(UpstreamError::Unreachable(error_chain(&e)))
+    /// Sends a request (already rewritten) and waits for the response headers. `call` says what
+    /// for, in metrics.
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+        call: UpstreamCall,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let started = Instant::now();
+        let result =
+            match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+                Err(_) => Err(UpstreamError::Timeout),
+                Ok(Err(e)) => {
+                    // A connect timeout surfaces as a connect error caused by a timeout.
+                    if e.is_connect() && caused_by_timeout(&e) {
+                        Err(UpstreamError::Timeout)
+                    } else {
+                        Err(UpstreamError::Unreachable(error_chain(&e)))
+                    }
                 }
-            }
-            Ok(Ok(r)) => Ok(r),
+                Ok(Ok(r)) => Ok(r),
+            };
+        match &result {
+            Ok(_) => self.metrics.upstream_response(call, started.elapsed()),
+            Err(UpstreamError::Timeout) => self
+                .metrics
+                .upstream_failure(call, UpstreamFailure::Timeout),
+            Err(UpstreamError::Unreachable(_)) => self
+                .metrics
+                .upstream_failure(call, UpstreamFailure::Unreachable),
         }
+        result
     }
 
     /// Forwards a client request: hygiene applied, `path_and_query` as given (already rewritten).
@@ -97,6 +118,7 @@ impl Upstream {
         path: &str,
         query: Option<&str>,
         peer: IpAddr,
+        call: UpstreamCall,
     ) -> Result<Response<Incoming>, UpstreamError> {
         headers::prepare_request(&mut parts.headers, peer, "http");
         parts.uri = self
@@ -104,13 +126,15 @@ impl Upstream {
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         // The upstream connection is HTTP/1.1 whatever the client spoke.
         parts.version = http::Version::HTTP_11;
-        self.send(Request::from_parts(parts, body)).await
+        self.send(Request::from_parts(parts, body), call).await
     }
 
-    /// `GET /account/whoami` with `token`: who owns a token the proxy did not issue.
+    /// `GET /account/whoami` with `token`: who owns a token the proxy did not issue. The client
+    /// request's id goes with it, so the homeserver's logs tie the two together.
     pub async fn whoami(
         &self,
         token: &str,
+        request_id: Option<&HeaderValue>,
     ) -> Result<Option<(String, Option<String>)>, UpstreamError> {
         let uri = self
             .uri("/_matrix/client/v3/account/whoami", None)
@@ -123,7 +147,11 @@ impl Upstream {
         if !credentials::set_bearer(req.headers_mut(), token) {
             return Ok(None);
         }
-        let res = self.send(req).await?;
+        if let Some(id) = request_id {
+            req.headers_mut()
+                .insert(crate::http::request_id::HEADER, id.clone());
+        }
+        let res = self.send(req, UpstreamCall::Whoami).await?;
         if res.status() != http::StatusCode::OK {
             return Ok(None);
         }
@@ -140,6 +168,23 @@ impl Upstream {
                 .map(str::to_owned);
             Some((user, device))
         }))
+    }
+
+    /// `GET /_matrix/client/versions` (no credential): the readiness check. Returns the status;
+    /// the body is read (bounded) so the connection goes back to the pool.
+    pub async fn versions(&self) -> Result<http::StatusCode, UpstreamError> {
+        let uri = self
+            .uri("/_matrix/client/versions", None)
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .body(full(Bytes::new()))
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        let res = self.send(req, UpstreamCall::Readiness).await?;
+        let status = res.status();
+        let _ = read_limited(res.into_body(), 64 * 1024).await;
+        Ok(status)
     }
 }
 

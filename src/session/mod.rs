@@ -247,6 +247,9 @@ pub enum Refreshed {
     Issued {
         pair: IssuedPair,
         replay: bool,
+        /// Whose session it is, when known (a rotation knows it; a grace replay does not): for
+        /// logs only.
+        owner: Option<SessionInfo>,
     },
     Unknown,
     /// Replay after grace (RFC 9700 reuse detection).
@@ -484,6 +487,7 @@ impl<S: TokenStore> Sessions<S> {
                             return Ok(Refreshed::Issued {
                                 pair,
                                 replay: false,
+                                owner: Some(info),
                             });
                         }
                         RotateResult::Lost(other) => record = other,
@@ -526,6 +530,7 @@ impl<S: TokenStore> Sessions<S> {
                 expires_in_ms: access_expires_at.saturating_sub(now),
             },
             replay: true,
+            owner: None,
         }
     }
 

@@ -26,6 +26,8 @@ pub use redis::RedisServer;
 pub struct ProxyProcess {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/health/*`), unless disabled.
+    pub admin: Option<SocketAddr>,
     logs: Arc<Mutex<String>>,
     _dir: tempfile::TempDir,
 }
@@ -39,6 +41,10 @@ pub struct ProxyOptions {
     pub revoke_on_reuse: bool,
     pub extra: String,
     pub response_timeout: &'static str,
+    /// `admin.listen` as YAML (`null` disables the admin listener).
+    pub admin: &'static str,
+    /// `log.format`: `pretty` or `json`.
+    pub log_format: &'static str,
 }
 
 impl Default for ProxyOptions {
@@ -50,6 +56,8 @@ impl Default for ProxyOptions {
             revoke_on_reuse: true,
             extra: String::new(),
             response_timeout: "30s",
+            admin: "\"127.0.0.1:0\"",
+            log_format: "pretty",
         }
     }
 }
@@ -58,8 +66,15 @@ impl ProxyProcess {
     pub fn start(upstream: &str, redis_url: &str, o: &ProxyOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = format!(
-            "listen: \"127.0.0.1:0\"\nupstream:\n  url: \"{upstream}\"\n  connect_timeout: \"2s\"\n  response_timeout: \"{}\"\nredis:\n  url: \"{redis_url}\"\n  connect_timeout: \"500ms\"\n  response_timeout: \"1s\"\ntokens:\n  access_token_lifetime: \"{}\"\n  refresh_token_lifetime: {}\n  session_lifetime: {}\n  revoke_session_on_reuse: {}\nlog:\n  level: \"debug\"\n{}",
-            o.response_timeout, o.access, o.refresh, o.session, o.revoke_on_reuse, o.extra
+            "listen: \"127.0.0.1:0\"\nupstream:\n  url: \"{upstream}\"\n  connect_timeout: \"2s\"\n  response_timeout: \"{}\"\nredis:\n  url: \"{redis_url}\"\n  connect_timeout: \"500ms\"\n  response_timeout: \"1s\"\ntokens:\n  access_token_lifetime: \"{}\"\n  refresh_token_lifetime: {}\n  session_lifetime: {}\n  revoke_session_on_reuse: {}\nlog:\n  level: \"debug\"\n  format: \"{}\"\nadmin:\n  listen: {}\n{}",
+            o.response_timeout,
+            o.access,
+            o.refresh,
+            o.session,
+            o.revoke_on_reuse,
+            o.log_format,
+            o.admin,
+            o.extra
         );
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, cfg).unwrap();
@@ -81,24 +96,40 @@ impl ProxyProcess {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
-                    let _ = tx.send(addr);
+                // The admin line is logged first; pretty and JSON logs alike.
+                if let Some(addr) = addr_after(&line, "admin listening on ") {
+                    let _ = tx.send((true, addr));
+                } else if let Some(addr) = addr_after(&line, "listening on ") {
+                    let _ = tx.send((false, addr));
                 }
                 let mut g = l.lock().unwrap();
                 g.push_str(&line);
                 g.push('\n');
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("proxy did not start; logs:\n{}", logs.lock().unwrap()));
+        let mut admin = None;
+        let addr = loop {
+            let (is_admin, addr) = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("proxy did not start; logs:\n{}", logs.lock().unwrap()));
+            let addr: SocketAddr = addr.parse().unwrap();
+            if !is_admin {
+                break addr;
+            }
+            admin = Some(addr);
+        };
         ProxyProcess {
             child,
-            addr: addr.parse().unwrap(),
+            addr,
+            admin,
             logs,
             _dir: dir,
         }
+    }
+
+    /// The admin listener's base URL.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin.expect("admin listener enabled"))
     }
 
     pub fn url(&self) -> String {
@@ -126,6 +157,16 @@ impl ProxyProcess {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+}
+
+/// The socket address following `marker` in a log line (pretty or JSON).
+fn addr_after(line: &str, marker: &str) -> Option<String> {
+    let rest = line.split(marker).nth(1)?;
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+        .collect();
+    (!addr.is_empty()).then_some(addr)
 }
 
 impl Drop for ProxyProcess {
@@ -276,6 +317,34 @@ impl Harness {
     pub async fn whoami(&self, at: &str) -> Reply {
         self.get("/_matrix/client/v3/account/whoami", Some(at))
             .await
+    }
+
+    /// `GET` on the admin listener.
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        get_url(&self.client, &format!("{}{path}", self.proxy.admin_url())).await
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let r = self.admin_get("/metrics").await;
+        assert_eq!(r.status, 200);
+        String::from_utf8(r.body.to_vec()).unwrap()
+    }
+}
+
+/// A plain `GET` of `url`.
+pub async fn get_url(client: &Client<HttpConnector, TestBody>, url: &str) -> Reply {
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(url)
+        .body(body(Bytes::new()))
+        .unwrap();
+    let res = client.request(req).await.expect("server answered");
+    let (parts, b) = res.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: b.collect().await.map(|c| c.to_bytes()).unwrap_or_default(),
     }
 }
 

@@ -358,6 +358,8 @@ tokens:
   refresh_token_lifetime: {dur(refresh_token_lifetime)}
   session_lifetime: {dur(session_lifetime)}
   revoke_session_on_reuse: true
+admin:
+  listen: "127.0.0.1:0"
 """
         )
 

@@ -1,0 +1,595 @@
+//! Prometheus metrics, served on the admin listener (`GET /metrics`, text format 0.0.4).
+//!
+//! Every label value comes from a closed set: route classes ([`Route::name`]), status codes,
+//! and the enums below. No path, user id, device id or token ever becomes a label, so the number
+//! of series is bounded and nothing secret can reach a scrape.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::http::routes::Route;
+
+/// Prefix of every metric name.
+pub const PREFIX: &str = "mrp";
+
+/// The `Content-Type` of a scrape.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Every route class, so each series exists (at 0) before its first request.
+const ROUTE_CLASSES: [&str; 7] = [
+    "login",
+    "register",
+    "refresh",
+    "logout",
+    "devices",
+    "account",
+    "passthrough",
+];
+
+/// Buckets for client requests and homeserver calls (seconds): long-poll `/sync` lands high.
+const HTTP_BUCKETS: [f64; 13] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Buckets for Redis commands (seconds): usually well under a millisecond.
+const REDIS_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Outcome of a `/refresh` call with a well-formed body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// A new pair was issued.
+    Ok,
+    /// The previous refresh token again inside its grace window: the same pair was returned.
+    GraceReplay,
+    /// A refresh token replayed after its grace (RFC 9700 §4.14.2).
+    ReuseDetected,
+    /// Idle expiry or session end passed (403).
+    Expired,
+    /// Unknown, malformed or revoked refresh token (401).
+    Unknown,
+    /// The session store failed (503).
+    StoreError,
+}
+
+impl RefreshOutcome {
+    pub const ALL: [RefreshOutcome; 6] = [
+        RefreshOutcome::Ok,
+        RefreshOutcome::GraceReplay,
+        RefreshOutcome::ReuseDetected,
+        RefreshOutcome::Expired,
+        RefreshOutcome::Unknown,
+        RefreshOutcome::StoreError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshOutcome::Ok => "ok",
+            RefreshOutcome::GraceReplay => "grace_replay",
+            RefreshOutcome::ReuseDetected => "reuse_detected",
+            RefreshOutcome::Expired => "expired",
+            RefreshOutcome::Unknown => "unknown",
+            RefreshOutcome::StoreError => "store_error",
+        }
+    }
+}
+
+/// Why proxy sessions were purged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PurgeCause {
+    Logout,
+    LogoutAll,
+    /// `DELETE /devices/{id}` or `POST /delete_devices`.
+    DeviceDelete,
+    /// `POST /account/password` with `logout_devices`.
+    PasswordChange,
+    Deactivate,
+    /// A login naming an existing `device_id`.
+    Relogin,
+    /// The homeserver rejected the upstream token (revoked behind the proxy's back).
+    UpstreamRevoked,
+    /// Refresh token reuse detection revoked the session.
+    Reuse,
+}
+
+impl PurgeCause {
+    pub const ALL: [PurgeCause; 8] = [
+        PurgeCause::Logout,
+        PurgeCause::LogoutAll,
+        PurgeCause::DeviceDelete,
+        PurgeCause::PasswordChange,
+        PurgeCause::Deactivate,
+        PurgeCause::Relogin,
+        PurgeCause::UpstreamRevoked,
+        PurgeCause::Reuse,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PurgeCause::Logout => "logout",
+            PurgeCause::LogoutAll => "logout_all",
+            PurgeCause::DeviceDelete => "device_delete",
+            PurgeCause::PasswordChange => "password_change",
+            PurgeCause::Deactivate => "deactivate",
+            PurgeCause::Relogin => "relogin",
+            PurgeCause::UpstreamRevoked => "upstream_revoked",
+            PurgeCause::Reuse => "reuse",
+        }
+    }
+}
+
+/// One kind of session-store call (one Redis round trip each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    Create,
+    LookupAccess,
+    PeekRefresh,
+    Rotate,
+    Purge,
+    UserSessions,
+    IndexSession,
+    UnindexSession,
+    Ping,
+}
+
+impl StoreOp {
+    pub const ALL: [StoreOp; 9] = [
+        StoreOp::Create,
+        StoreOp::LookupAccess,
+        StoreOp::PeekRefresh,
+        StoreOp::Rotate,
+        StoreOp::Purge,
+        StoreOp::UserSessions,
+        StoreOp::IndexSession,
+        StoreOp::UnindexSession,
+        StoreOp::Ping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreOp::Create => "create",
+            StoreOp::LookupAccess => "lookup_access",
+            StoreOp::PeekRefresh => "peek_refresh",
+            StoreOp::Rotate => "rotate",
+            StoreOp::Purge => "purge",
+            StoreOp::UserSessions => "user_sessions",
+            StoreOp::IndexSession => "index_session",
+            StoreOp::UnindexSession => "unindex_session",
+            StoreOp::Ping => "ping",
+        }
+    }
+}
+
+/// Why a homeserver call produced no response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    Unreachable,
+    Timeout,
+}
+
+impl UpstreamFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamFailure::Unreachable => "unreachable",
+            UpstreamFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// What a homeserver call was made for: a client route class, or one of the proxy's own calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamCall {
+    /// A forwarded client request of this route class ([`Route::name`]).
+    Route(&'static str),
+    /// `GET /account/whoami` to learn who owns a token the proxy did not issue.
+    Whoami,
+    /// `GET /_matrix/client/versions` for `/health/ready`.
+    Readiness,
+}
+
+impl UpstreamCall {
+    pub fn for_route(route: &Route) -> Self {
+        UpstreamCall::Route(route.name())
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            UpstreamCall::Route(name) => name,
+            UpstreamCall::Whoami => "whoami",
+            UpstreamCall::Readiness => "readiness",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamErrorLabels {
+    route: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn http_histogram() -> Histogram {
+    Histogram::new(HTTP_BUCKETS)
+}
+
+fn redis_histogram() -> Histogram {
+    Histogram::new(REDIS_BUCKETS)
+}
+
+/// The proxy's metrics. Cheap to share (`Arc`); every method is lock-free or takes a short
+/// read lock.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<RouteLabel>,
+    in_flight: Gauge,
+    upstream_duration: HistogramFamily<RouteLabel>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    refresh: Family<OutcomeLabel, Counter>,
+    minted: Family<RouteLabel, Counter>,
+    purged: Family<CauseLabel, Counter>,
+    store_duration: HistogramFamily<OpLabel>,
+    store_errors: Family<OpLabel, Counter>,
+    rate_limited: Family<RouteLabel, Counter>,
+    limiter_keys: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Metrics {
+            registry: Registry::with_prefix(PREFIX),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(http_histogram),
+            in_flight: Gauge::default(),
+            upstream_duration: Family::new_with_constructor(http_histogram),
+            upstream_errors: Family::default(),
+            refresh: Family::default(),
+            minted: Family::default(),
+            purged: Family::default(),
+            store_duration: Family::new_with_constructor(redis_histogram),
+            store_errors: Family::default(),
+            rate_limited: Family::default(),
+            limiter_keys: Gauge::default(),
+        };
+        // Bounded label sets start at 0, so dashboards and alerts see every series from the
+        // start (a counter that appears only on its first increment hides that first increase).
+        for o in RefreshOutcome::ALL {
+            m.refresh.get_or_create_owned(&OutcomeLabel {
+                outcome: o.as_str(),
+            });
+        }
+        for c in PurgeCause::ALL {
+            m.purged
+                .get_or_create_owned(&CauseLabel { cause: c.as_str() });
+        }
+        for op in StoreOp::ALL {
+            m.store_errors
+                .get_or_create_owned(&OpLabel { op: op.as_str() });
+        }
+        for route in ["login", "register"] {
+            m.minted.get_or_create_owned(&RouteLabel { route });
+        }
+        for route in ROUTE_CLASSES {
+            m.rate_limited.get_or_create_owned(&RouteLabel { route });
+        }
+        m.register()
+    }
+
+    fn register(mut self) -> Self {
+        let r = &mut self.registry;
+        // Counter names get `_total` appended by the encoder.
+        r.register(
+            "http_requests",
+            "Client requests answered, by route class and status code",
+            self.requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "Time to the response headers of client requests, by route class",
+            self.request_duration.clone(),
+        );
+        r.register(
+            "http_requests_in_flight",
+            "Client requests being handled or streaming their response body",
+            self.in_flight.clone(),
+        );
+        r.register(
+            "upstream_request_duration_seconds",
+            "Time to the homeserver's response headers, by route class or proxy call \
+             (whoami, readiness); passthrough includes long-poll /sync",
+            self.upstream_duration.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Homeserver calls without a response, by route class or proxy call and kind \
+             (unreachable, timeout)",
+            self.upstream_errors.clone(),
+        );
+        r.register(
+            "refresh",
+            "Outcomes of /refresh calls with a well-formed body",
+            self.refresh.clone(),
+        );
+        r.register(
+            "sessions_minted",
+            "Proxy sessions created, by route class (login, register)",
+            self.minted.clone(),
+        );
+        r.register(
+            "sessions_purged",
+            "Proxy sessions ended, by cause",
+            self.purged.clone(),
+        );
+        r.register(
+            "redis_command_duration_seconds",
+            "Duration of session-store calls to Redis, by operation (errors included)",
+            self.store_duration.clone(),
+        );
+        r.register(
+            "redis_errors",
+            "Failed session-store calls to Redis, by operation",
+            self.store_errors.clone(),
+        );
+        r.register(
+            "rate_limited_requests",
+            "Client requests refused by a rate limiter, by route class",
+            self.rate_limited.clone(),
+        );
+        r.register(
+            "rate_limiter_keys",
+            "Keys (clients, users) currently tracked by the rate limiters",
+            self.limiter_keys.clone(),
+        );
+        self
+    }
+
+    /// The scrape body (Prometheus text format 0.0.4).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// A client request answered (`status` as sent to the client).
+    pub fn request(&self, route: &Route, status: u16, took: Duration) {
+        let route = route.name();
+        self.requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
+        self.request_duration
+            .get_or_create(&RouteLabel { route })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a request in flight until the returned guard is dropped.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
+    }
+
+    /// A homeserver call that got response headers after `took`.
+    pub fn upstream_response(&self, call: UpstreamCall, took: Duration) {
+        self.upstream_duration
+            .get_or_create(&RouteLabel {
+                route: call.as_str(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A homeserver call that failed.
+    pub fn upstream_failure(&self, call: UpstreamCall, kind: UpstreamFailure) {
+        self.upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                route: call.as_str(),
+                kind: kind.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn refresh(&self, outcome: RefreshOutcome) {
+        self.refresh
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// A new session issued on `route` (login or register).
+    pub fn session_minted(&self, route: &Route) {
+        self.minted
+            .get_or_create(&RouteLabel {
+                route: route.name(),
+            })
+            .inc();
+    }
+
+    /// `n` sessions ended for `cause`.
+    pub fn sessions_purged(&self, cause: PurgeCause, n: usize) {
+        if n > 0 {
+            self.purged
+                .get_or_create(&CauseLabel {
+                    cause: cause.as_str(),
+                })
+                .inc_by(n as u64);
+        }
+    }
+
+    /// A session-store call finished after `took`; `ok` is false when it failed.
+    pub fn store_call(&self, op: StoreOp, took: Duration, ok: bool) {
+        let label = OpLabel { op: op.as_str() };
+        self.store_duration
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+        if !ok {
+            self.store_errors.get_or_create(&label).inc();
+        }
+    }
+
+    /// A client request refused by a rate limiter (for the rate-limiting module).
+    pub fn rate_limited(&self, route: &Route) {
+        self.rate_limited
+            .get_or_create(&RouteLabel {
+                route: route.name(),
+            })
+            .inc();
+    }
+
+    /// The number of keys the rate limiters currently track (for the rate-limiting module's
+    /// housekeeping task).
+    pub fn set_limiter_keys(&self, n: usize) {
+        self.limiter_keys.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+/// Holds one unit of the in-flight gauge; dropping it releases it.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, start: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(start))
+    }
+
+    const ALWAYS: [&str; 7] = [
+        "mrp_http_requests_in_flight",
+        "mrp_refresh_total",
+        "mrp_sessions_minted_total",
+        "mrp_sessions_purged_total",
+        "mrp_redis_errors_total",
+        "mrp_rate_limited_requests_total",
+        "mrp_rate_limiter_keys",
+    ];
+    /// Label-keyed families without a fixed label set appear from their first sample.
+    const ON_USE: [&str; 5] = [
+        "mrp_http_requests_total",
+        "mrp_http_request_duration_seconds",
+        "mrp_upstream_request_duration_seconds",
+        "mrp_upstream_errors_total",
+        "mrp_redis_command_duration_seconds",
+    ];
+
+    fn has_type(t: &str, name: &str) -> bool {
+        t.contains(&format!("# TYPE {name} "))
+    }
+
+    #[test]
+    fn bounded_series_exist_from_the_start() {
+        let t = Metrics::new().encode();
+        for name in ALWAYS {
+            assert!(has_type(&t, name), "{name} missing:\n{t}");
+        }
+        assert_eq!(
+            line(&t, "mrp_refresh_total{outcome=\"grace_replay\"}"),
+            Some("mrp_refresh_total{outcome=\"grace_replay\"} 0")
+        );
+        assert!(
+            line(
+                &t,
+                "mrp_sessions_purged_total{cause=\"upstream_revoked\"} 0"
+            )
+            .is_some()
+        );
+        assert!(line(&t, "mrp_redis_errors_total{op=\"rotate\"} 0").is_some());
+        assert!(line(&t, "mrp_rate_limited_requests_total{route=\"refresh\"} 0").is_some());
+    }
+
+    #[test]
+    fn recording() {
+        let m = Metrics::new();
+        m.request(&Route::Login, 200, Duration::from_millis(3));
+        m.request(
+            &Route::DeleteDevice("ABC".into()),
+            401,
+            Duration::from_millis(3),
+        );
+        m.refresh(RefreshOutcome::ReuseDetected);
+        m.sessions_purged(PurgeCause::Reuse, 2);
+        m.store_call(StoreOp::Ping, Duration::from_micros(300), false);
+        m.rate_limited(&Route::Refresh);
+        m.set_limiter_keys(42);
+        m.upstream_failure(UpstreamCall::Whoami, UpstreamFailure::Timeout);
+        {
+            let _a = m.in_flight();
+            let _b = m.in_flight();
+            assert!(m.encode().contains("\nmrp_http_requests_in_flight 2\n"));
+        }
+        m.upstream_response(UpstreamCall::Route("login"), Duration::from_millis(5));
+        let t = m.encode();
+        for name in ALWAYS.iter().chain(&ON_USE) {
+            assert!(has_type(&t, name), "{name} missing:\n{t}");
+        }
+        assert!(t.contains("\nmrp_http_requests_in_flight 0\n"));
+        assert!(t.contains("mrp_http_requests_total{route=\"login\",status=\"200\"} 1"));
+        // A path parameter never becomes a label: the device id is nowhere.
+        assert!(t.contains("mrp_http_requests_total{route=\"devices\",status=\"401\"} 1"));
+        assert!(!t.contains("ABC"));
+        assert!(t.contains("mrp_refresh_total{outcome=\"reuse_detected\"} 1"));
+        assert!(t.contains("mrp_sessions_purged_total{cause=\"reuse\"} 2"));
+        assert!(t.contains("mrp_redis_errors_total{op=\"ping\"} 1"));
+        assert!(t.contains("mrp_redis_command_duration_seconds_count{op=\"ping\"} 1"));
+        assert!(t.contains("mrp_rate_limited_requests_total{route=\"refresh\"} 1"));
+        assert!(t.contains("\nmrp_rate_limiter_keys 42\n"));
+        assert!(t.contains("mrp_upstream_errors_total{route=\"whoami\",kind=\"timeout\"} 1"));
+        assert!(
+            t.contains("mrp_http_request_duration_seconds_bucket{le=\"0.005\",route=\"login\"} 1")
+                || t.contains(
+                    "mrp_http_request_duration_seconds_bucket{route=\"login\",le=\"0.005\"} 1"
+                )
+        );
+    }
+}
