@@ -5,6 +5,7 @@
 pub mod config;
 pub mod http;
 pub mod proxy;
+pub mod ratelimit;
 pub mod session;
 pub mod store;
 pub mod telemetry;
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::http::App;
 use crate::proxy::Upstream;
+use crate::ratelimit::{AbortOnDrop, HOUSEKEEPING_INTERVAL, RateLimits};
 use crate::session::{Sessions, SystemClock};
 use crate::store::{RedisSettings, RedisStore};
 
@@ -43,6 +45,8 @@ pub fn app(config: &Config) -> Result<App, RunError> {
         connect_timeout: config.redis.connect_timeout,
         response_timeout: config.redis.response_timeout,
     })?;
+    // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
+    let limits = Arc::new(RateLimits::new(&config.rate_limit, store.clone()));
     let sessions = Sessions::new(
         store,
         config.tokens.clone(),
@@ -53,6 +57,8 @@ pub fn app(config: &Config) -> Result<App, RunError> {
         sessions,
         upstream: Upstream::new(&config.upstream),
         http: config.http.clone(),
+        limits,
+        trusted_proxies: config.trusted_proxies.clone(),
     })
 }
 
@@ -69,7 +75,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         source,
     })?;
     let app = Arc::new(app(&config)?);
+    log_rate_limits(&config);
+    // Bounded limiter memory; aborted when `run` returns (the guard drops).
+    let _housekeeping = app.limits.is_active().then(|| {
+        AbortOnDrop(tokio::spawn(ratelimit::housekeeping(
+            app.limits.clone(),
+            HOUSEKEEPING_INTERVAL,
+        )))
+    });
     tracing::info!(upstream = %config.upstream.url, "listening on {local}");
     http::serve(listener, app, shutdown, DRAIN_TIMEOUT).await;
     Ok(())
+}
+
+fn log_rate_limits(config: &Config) {
+    let r = &config.rate_limit;
+    if !r.enabled {
+        tracing::info!("rate limits disabled");
+        return;
+    }
+    let show = |l: Option<config::LimitConfig>| match l {
+        Some(l) => format!("{}/s burst {}", l.per_second, l.burst),
+        None => "off".to_owned(),
+    };
+    tracing::info!(
+        login = %show(r.login),
+        refresh = %show(r.refresh),
+        all = %show(r.all),
+        backend = ?r.backend,
+        trusted_proxies = ?config.trusted_proxies,
+        "rate limits"
+    );
 }

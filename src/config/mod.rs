@@ -3,6 +3,8 @@
 //!
 //! The shipped `config.yaml` at the repository root documents every key.
 
+mod rate_limit;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -10,6 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::session::Lifetimes;
+
+pub use self::rate_limit::{LimitConfig, RateLimitBackend, RateLimitConfig};
+pub use crate::proxy::client_ip::TrustedProxies;
 
 /// The validated configuration.
 #[derive(Clone, Debug)]
@@ -21,6 +26,9 @@ pub struct Config {
     pub tokens: Lifetimes,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub rate_limit: RateLimitConfig,
+    /// Peers whose `X-Forwarded-For` is believed when finding the client IP.
+    pub trusted_proxies: TrustedProxies,
 }
 
 #[derive(Clone, Debug)]
@@ -106,6 +114,9 @@ struct Raw {
     http: RawHttp,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    rate_limit: rate_limit::RawRateLimit,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -342,6 +353,9 @@ impl Config {
             }
         };
 
+        let rate_limit = rate_limit::rate_limit(raw.rate_limit)?;
+        let trusted_proxies = rate_limit::trusted_proxies(raw.trusted_proxies.unwrap_or_default())?;
+
         Ok(Config {
             listen,
             upstream,
@@ -349,6 +363,8 @@ impl Config {
             tokens,
             http,
             log: LogConfig { level, format },
+            rate_limit,
+            trusted_proxies,
         })
     }
 }
@@ -370,6 +386,12 @@ mod tests {
         assert_eq!(c.tokens.refresh_idle, Some(Duration::from_secs(7 * 86400)));
         assert_eq!(c.tokens.session, None);
         assert!(c.tokens.revoke_on_reuse);
+        // The shipped file spells out the defaults.
+        let defaults = parse("upstream: {url: 'http://hs'}").unwrap();
+        assert_eq!(c.rate_limit, defaults.rate_limit);
+        assert!(c.rate_limit.enabled);
+        assert_eq!(c.rate_limit.all, None);
+        assert!(c.trusted_proxies.is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
@@ -23,8 +23,10 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::config::HttpConfig;
+use crate::config::{HttpConfig, TrustedProxies};
 use crate::proxy::Upstream;
+use crate::proxy::client_ip::client_ip;
+use crate::ratelimit::RateLimits;
 use crate::session::Sessions;
 use crate::store::RedisStore;
 pub use error::ApiError;
@@ -79,6 +81,40 @@ pub struct App {
     pub sessions: Sessions<RedisStore>,
     pub upstream: Upstream,
     pub http: HttpConfig,
+    pub limits: Arc<RateLimits<RedisStore>>,
+    pub trusted_proxies: TrustedProxies,
+}
+
+/// The rate limits checked before routing (issue 4): `all` on every request, `login` on
+/// `POST /login` and `POST /register`, and the per-IP half of `refresh` on `POST /refresh` (the
+/// per-session half needs the body: `refresh.rs` checks it before the store is asked). Other
+/// methods (preflights, flow discovery) cannot guess passwords or rotate tokens: only `all`
+/// applies to them.
+async fn rate_limit(
+    app: &App,
+    route: &Route,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<(), ApiError> {
+    if !app.limits.is_active() {
+        return Ok(());
+    }
+    let client = client_ip(peer.ip(), req.headers(), &app.trusted_proxies);
+    let post = req.method() == Method::POST;
+    let (limiter, result) = match app.limits.check_all(client).await {
+        Err(l) => ("all", Err(l)),
+        Ok(()) => match route {
+            Route::Login | Route::Register if post => {
+                ("login", app.limits.check_login(client).await)
+            }
+            Route::Refresh if post => ("refresh_ip", app.limits.check_refresh_ip(client).await),
+            _ => ("all", Ok(())),
+        },
+    };
+    result.map_err(|l| {
+        tracing::debug!(%client, limiter, retry_after_ms = l.retry_after_ms(), "rate limited");
+        ApiError::from(l)
+    })
 }
 
 /// Routes one request and logs one line for it (method, route class, status, latency: never
@@ -88,10 +124,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     let method = req.method().clone();
     let route = routes::classify(req.method(), req.uri().path());
     let route_name = route.name();
-    let result = match route {
-        Route::Refresh => refresh::handle(&app, req).await,
-        Route::Login | Route::Register => login::handle(&app, req, route, peer).await,
-        other => forward::handle(&app, req, other, peer).await,
+    let result = match rate_limit(&app, &route, &req, peer).await {
+        Err(limited) => Err(limited),
+        Ok(()) => match route {
+            Route::Refresh => refresh::handle(&app, req).await,
+            Route::Login | Route::Register => login::handle(&app, req, route, peer).await,
+            other => forward::handle(&app, req, other, peer).await,
+        },
     };
     let res = result.unwrap_or_else(ApiError::into_response);
     tracing::info!(
