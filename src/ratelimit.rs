@@ -268,12 +268,14 @@ where
         let l = limits.clone();
         let started = Instant::now();
         match tokio::task::spawn_blocking(move || {
+            let before: usize = l.key_counts().iter().map(|(_, n)| n).sum();
             l.sweep();
-            l.key_counts()
+            (before, l.key_counts())
         })
         .await
         {
-            Ok(counts) => tracing::debug!(
+            Ok((before, counts)) => tracing::debug!(
+                keys_before = before,
                 ?counts,
                 ms = started.elapsed().as_millis() as u64,
                 "rate limit housekeeping"

@@ -431,12 +431,12 @@ async fn rss_after_a_million_client_ips() {
         after_flood.saturating_sub(before),
         (after_flood.saturating_sub(before) * 1024) as f64 / f64::from(CLIENTS),
     );
-    let logs = p.logs();
-    if let Some(line) = logs
+    // Each sweep's key count before and after (the proxy logs them at debug level).
+    for line in p
+        .logs()
         .lines()
-        .rev()
-        .find(|l| l.contains("rate limit housekeeping"))
+        .filter(|l| l.contains("rate limit housekeeping"))
     {
-        println!("last housekeeping: {line}");
+        println!("{}", line.split("ratelimit: ").nth(1).unwrap_or(line));
     }
 }
