@@ -198,11 +198,16 @@ pub async fn handle<P: Probes>(admin: &Admin<P>, req: &Request<Incoming>) -> Res
         return res;
     }
     match path {
-        "/metrics" => text(
-            StatusCode::OK,
-            admin.app.metrics.encode(),
-            crate::metrics::CONTENT_TYPE,
-        ),
+        "/metrics" => {
+            // The limiter key count is read at scrape time (housekeeping bounds it).
+            let keys = admin.app.limits.key_counts().iter().map(|(_, n)| n).sum();
+            admin.app.metrics.set_limiter_keys(keys);
+            text(
+                StatusCode::OK,
+                admin.app.metrics.encode(),
+                crate::metrics::CONTENT_TYPE,
+            )
+        }
         "/health/live" => text(
             StatusCode::OK,
             json!({"live": true}).to_string(),

@@ -7,6 +7,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod session;
 pub mod store;
 pub mod telemetry;
@@ -21,6 +22,7 @@ use crate::config::Config;
 use crate::http::App;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
+use crate::ratelimit::{AbortOnDrop, HOUSEKEEPING_INTERVAL, RateLimits};
 use crate::session::{Sessions, SystemClock};
 use crate::store::{Instrumented, RedisSettings, RedisStore};
 
@@ -47,6 +49,8 @@ pub fn app(config: &Config) -> Result<App, RunError> {
         response_timeout: config.redis.response_timeout,
     })?;
     let metrics = Arc::new(Metrics::new());
+    // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
+    let limits = Arc::new(RateLimits::new(&config.rate_limit, store.clone()));
     let sessions = Sessions::new(
         Instrumented::new(store, metrics.clone()),
         config.tokens.clone(),
@@ -58,6 +62,8 @@ pub fn app(config: &Config) -> Result<App, RunError> {
         upstream: Upstream::new(&config.upstream, metrics.clone()),
         http: config.http.clone(),
         metrics,
+        limits,
+        trusted_proxies: config.trusted_proxies.clone(),
     })
 }
 
@@ -85,6 +91,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let _ = admin_stopped.await;
         }))
     });
+    log_rate_limits(&config);
+    // Bounded limiter memory; aborted when `run` returns (the guard drops).
+    let _housekeeping = app.limits.is_active().then(|| {
+        AbortOnDrop(tokio::spawn(ratelimit::housekeeping(
+            app.limits.clone(),
+            HOUSEKEEPING_INTERVAL,
+        )))
+    });
     tracing::info!(upstream = %config.upstream.url, "listening on {local}");
     http::serve(listener, app, shutdown, DRAIN_TIMEOUT).await;
     let _ = stop_admin.send(());
@@ -92,4 +106,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let _ = task.await;
     }
     Ok(())
+}
+
+fn log_rate_limits(config: &Config) {
+    let r = &config.rate_limit;
+    if !r.enabled {
+        tracing::info!("rate limits disabled");
+        return;
+    }
+    let show = |l: Option<config::LimitConfig>| match l {
+        Some(l) => format!("{}/s burst {}", l.per_second, l.burst),
+        None => "off".to_owned(),
+    };
+    tracing::info!(
+        login = %show(r.login),
+        refresh = %show(r.refresh),
+        all = %show(r.all),
+        backend = ?r.backend,
+        trusted_proxies = ?config.trusted_proxies,
+        "rate limits"
+    );
 }

@@ -3,6 +3,8 @@
 //!
 //! The shipped `config.yaml` at the repository root documents every key.
 
+mod rate_limit;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -10,6 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::session::Lifetimes;
+
+pub use self::rate_limit::{LimitConfig, RateLimitBackend, RateLimitConfig};
+pub use crate::proxy::client_ip::TrustedProxies;
 
 /// The validated configuration.
 #[derive(Clone, Debug)]
@@ -21,6 +26,9 @@ pub struct Config {
     pub tokens: Lifetimes,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub rate_limit: RateLimitConfig,
+    /// Peers whose `X-Forwarded-For` is believed when finding the client IP.
+    pub trusted_proxies: TrustedProxies,
     pub admin: AdminConfig,
 }
 
@@ -118,6 +126,9 @@ struct Raw {
     http: RawHttp,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    rate_limit: rate_limit::RawRateLimit,
+    trusted_proxies: Option<Vec<String>>,
     #[serde(default)]
     admin: RawAdmin,
 }
@@ -381,6 +392,8 @@ impl Config {
         let admin = AdminConfig {
             listen: admin_listen(raw.admin.listen, listen)?,
         };
+        let rate_limit = rate_limit::rate_limit(raw.rate_limit)?;
+        let trusted_proxies = rate_limit::trusted_proxies(raw.trusted_proxies.unwrap_or_default())?;
 
         Ok(Config {
             listen,
@@ -390,6 +403,8 @@ impl Config {
             http,
             log: LogConfig { level, format },
             admin,
+            rate_limit,
+            trusted_proxies,
         })
     }
 }
@@ -441,6 +456,12 @@ mod tests {
         assert_eq!(c.tokens.refresh_idle, Some(Duration::from_secs(7 * 86400)));
         assert_eq!(c.tokens.session, None);
         assert!(c.tokens.revoke_on_reuse);
+        // The shipped file spells out the defaults.
+        let defaults = parse("upstream: {url: 'http://hs'}").unwrap();
+        assert_eq!(c.rate_limit, defaults.rate_limit);
+        assert!(c.rate_limit.enabled);
+        assert_eq!(c.rate_limit.all, None);
+        assert!(c.trusted_proxies.is_empty());
         assert_eq!(c.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
     }
 

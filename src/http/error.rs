@@ -51,6 +51,18 @@ pub enum ApiError {
     UpstreamTimeout,
     #[error("Homeserver sent an invalid response")]
     UpstreamInvalid,
+    /// A proxy rate limit (spec "Rate limiting"): `retry_after_ms` in the body, `Retry-After`
+    /// in whole seconds, rounded up.
+    #[error("Too many requests")]
+    LimitExceeded { retry_after_ms: u64 },
+}
+
+impl From<crate::ratelimit::Limited> for ApiError {
+    fn from(l: crate::ratelimit::Limited) -> Self {
+        ApiError::LimitExceeded {
+            retry_after_ms: l.retry_after_ms(),
+        }
+    }
 }
 
 impl ApiError {
@@ -72,22 +84,48 @@ impl ApiError {
             ApiError::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
             ApiError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "M_UNKNOWN"),
             ApiError::UpstreamInvalid => (StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
+            ApiError::LimitExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"),
+        }
+    }
+
+    /// The `Retry-After` header, in seconds (exhaustive too: a new variant must decide).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ApiError::StoreUnavailable | ApiError::RefreshStoreUnavailable => {
+                Some(RETRY_AFTER_SECS)
+            }
+            ApiError::LimitExceeded { retry_after_ms } => Some(retry_after_ms.div_ceil(1000)),
+            ApiError::NotJson
+            | ApiError::BadJson(_)
+            | ApiError::MissingParam(_)
+            | ApiError::InvalidParam(_)
+            | ApiError::TooLarge
+            | ApiError::UnknownToken { .. }
+            | ApiError::MissingToken(_)
+            | ApiError::Forbidden(_)
+            | ApiError::MethodNotAllowed
+            | ApiError::BadRequest(_)
+            | ApiError::UpstreamUnreachable
+            | ApiError::UpstreamTimeout
+            | ApiError::UpstreamInvalid => None,
         }
     }
 
     pub fn into_response(self) -> Response<Body> {
         let (status, errcode) = self.status_and_code();
         let message = self.to_string();
-        let retry = matches!(
-            self,
-            ApiError::StoreUnavailable | ApiError::RefreshStoreUnavailable
-        );
+        let retry_after_secs = self.retry_after_secs();
         let (body, content_type) = match &self {
             ApiError::RefreshStoreUnavailable => {
                 (format!("{message}\n"), "text/plain; charset=utf-8")
             }
             ApiError::UnknownToken { soft_logout, .. } => (
                 json!({"errcode": errcode, "error": message, "soft_logout": soft_logout})
+                    .to_string(),
+                "application/json",
+            ),
+            ApiError::LimitExceeded { retry_after_ms } => (
+                json!({"errcode": errcode, "error": message, "retry_after_ms": retry_after_ms})
                     .to_string(),
                 "application/json",
             ),
@@ -100,9 +138,9 @@ impl ApiError {
         *res.status_mut() = status;
         res.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-        if retry {
+        if let Some(secs) = retry_after_secs {
             res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         super::cors(res.headers_mut());
         res
@@ -175,6 +213,19 @@ mod tests {
         json_row(ApiError::UpstreamUnreachable, 502, "M_UNKNOWN").await;
         json_row(ApiError::UpstreamTimeout, 504, "M_UNKNOWN").await;
         json_row(ApiError::UpstreamInvalid, 502, "M_UNKNOWN").await;
+
+        // Rate limited: retry_after_ms in the body, Retry-After in seconds rounded up.
+        for (ms, secs) in [(1, "1"), (1000, "1"), (1001, "2"), (20_500, "21")] {
+            let e = ApiError::LimitExceeded { retry_after_ms: ms };
+            let (_, h, _) = body(e.clone()).await;
+            assert_eq!(h[header::RETRY_AFTER], secs, "{ms} ms");
+            let v = json_row(e, 429, "M_LIMIT_EXCEEDED").await;
+            assert_eq!(v["retry_after_ms"], ms);
+        }
+        let limited = ApiError::from(crate::ratelimit::Limited {
+            retry_after: std::time::Duration::from_micros(1500),
+        });
+        assert_eq!(limited, ApiError::LimitExceeded { retry_after_ms: 2 });
 
         let (s, h, b) = body(ApiError::StoreUnavailable).await;
         assert_eq!(s, 503);

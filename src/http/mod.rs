@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Frame, Incoming, SizeHint};
@@ -30,9 +30,11 @@ use tokio::sync::Semaphore;
 
 use tracing::Instrument;
 
-use crate::config::HttpConfig;
+use crate::config::{HttpConfig, TrustedProxies};
 use crate::metrics::{InFlight, Metrics};
 use crate::proxy::Upstream;
+use crate::proxy::client_ip::client_ip;
+use crate::ratelimit::RateLimits;
 use crate::session::Sessions;
 use crate::store::Store;
 pub use error::ApiError;
@@ -92,6 +94,41 @@ pub struct App {
     pub upstream: Upstream,
     pub http: HttpConfig,
     pub metrics: Arc<Metrics>,
+    pub limits: Arc<RateLimits<crate::store::RedisStore>>,
+    pub trusted_proxies: TrustedProxies,
+}
+
+/// The rate limits checked before routing (issue 4): `all` on every request, `login` on
+/// `POST /login` and `POST /register`, and the per-IP half of `refresh` on `POST /refresh` (the
+/// per-session half needs the body: `refresh.rs` checks it before the store is asked). Other
+/// methods (preflights, flow discovery) cannot guess passwords or rotate tokens: only `all`
+/// applies to them.
+async fn rate_limit(
+    app: &App,
+    route: &Route,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<(), ApiError> {
+    if !app.limits.is_active() {
+        return Ok(());
+    }
+    let client = client_ip(peer.ip(), req.headers(), &app.trusted_proxies);
+    let post = req.method() == Method::POST;
+    let (limiter, result) = match app.limits.check_all(client).await {
+        Err(l) => ("all", Err(l)),
+        Ok(()) => match route {
+            Route::Login | Route::Register if post => {
+                ("login", app.limits.check_login(client).await)
+            }
+            Route::Refresh if post => ("refresh_ip", app.limits.check_refresh_ip(client).await),
+            _ => ("all", Ok(())),
+        },
+    };
+    result.map_err(|l| {
+        tracing::debug!(%client, limiter, retry_after_ms = l.retry_after_ms(), "rate limited");
+        app.metrics.rate_limited(route);
+        ApiError::from(l)
+    })
 }
 
 /// The Matrix user a request acted for. Handlers that know it put it in the response's
@@ -127,6 +164,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr)
     // Lines logged while handling (warnings, purges) carry the request id too.
     let span = tracing::info_span!("request", request_id = %request_id);
     let result = async {
+        rate_limit(&app, &route, &req, peer).await?;
         match &route {
             Route::Refresh => refresh::handle(&app, req).await,
             Route::Login | Route::Register => login::handle(&app, req, route.clone(), peer).await,

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::{ApiError, App, Body, json_response, with_user};
 use crate::metrics::{PurgeCause, RefreshOutcome};
 use crate::proxy::read_limited;
-use crate::session::Refreshed;
+use crate::session::{ProxyToken, Refreshed, TokenKind};
 
 pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     match *req.method() {
@@ -31,6 +31,21 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>,
         Some(Value::String(s)) => s,
         Some(_) => return Err(ApiError::InvalidParam("refresh_token must be a string")),
     };
+    // Per session, before the store is asked: a limited refresh never consumes or rotates the
+    // token. Keyed on the session id inside the token, never on the token itself.
+    if let Ok(t) = ProxyToken::parse_kind(rt, TokenKind::Refresh) {
+        app.limits
+            .check_refresh_session(t.session())
+            .await
+            .map_err(|l| {
+                tracing::debug!(
+                    limiter = "refresh_session",
+                    retry_after_ms = l.retry_after_ms(),
+                    "rate limited"
+                );
+                ApiError::from(l)
+            })?;
+    }
     let outcome = app.sessions.refresh(rt).await.map_err(|e| {
         tracing::warn!(error = %e, "refresh: session store unavailable");
         app.metrics.refresh(RefreshOutcome::StoreError);

@@ -1,6 +1,7 @@
 //! The upstream side: a pooled hyper client to the homeserver, header hygiene and credential
 //! rewriting.
 
+pub mod client_ip;
 pub mod credentials;
 pub mod headers;
 

@@ -13,6 +13,7 @@
 //! | `mrp:{T}:k` | zset | names of the session's token keys, scored by their expiry | as the session |
 //! | `mrp:{T}:used` | zset | ids of the 64 latest refresh tokens whose grace ended (reuse detection) | as the session |
 //! | `mrp:u:{<user id>}` | hash | session tag → `device id \n expiry ms` | longest of the user's sessions |
+//! | `mrp:rl:<limiter>:{<id>}` | string | shared rate limit (`rate_limit.backend: redis`): GCRA arrival time in µs of Redis `TIME`; `<id>` is a client IP or a session tag | until the budget is full again |
 //!
 //! Sealed values are ChaCha20-Poly1305 under a key derived from the token that points to them
 //! ([`crate::session::seal`]).
@@ -22,6 +23,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
+use crate::ratelimit::{Limited, SharedLimiter};
 use crate::session::{
     AccessRecord, Millis, NewSession, RefreshRecord, RotateResult, Rotation,
     SUPERSEDED_ACCESS_RETENTION, SessionId, SessionInfo, StoreError, TokenStore,
@@ -48,6 +50,7 @@ struct Scripts {
     rotate: Script,
     purge: Script,
     index_add: Script,
+    gcra: Script,
 }
 
 /// Session storage on Redis through redis-rs' reconnecting [`ConnectionManager`].
@@ -170,6 +173,8 @@ impl RedisStore {
                 rotate: script(include_str!("lua/rotate.lua")),
                 purge: script(include_str!("lua/purge.lua")),
                 index_add: script(include_str!("lua/index_add.lua")),
+                // Self-contained: no session helpers.
+                gcra: Script::new(include_str!("lua/gcra.lua")),
             }),
         })
     }
@@ -416,5 +421,36 @@ impl TokenStore for RedisStore {
         let mut c = self.conn.clone();
         let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(err)?;
         Ok(())
+    }
+}
+
+/// The shared rate-limit budget of `rate_limit.backend: redis` (`lua/gcra.lua`). Keys
+/// `mrp:rl:<limiter>:{<client IP or session tag>}` hold one number and expire when the budget is
+/// full again.
+impl SharedLimiter for RedisStore {
+    async fn acquire(
+        &self,
+        key: &str,
+        period: Duration,
+        burst: u32,
+    ) -> Result<Result<(), Limited>, StoreError> {
+        let mut c = self.conn.clone();
+        let period_us = period.as_micros().clamp(1, u64::MAX as u128) as u64;
+        let (allowed, wait_us): (i64, i64) = self
+            .scripts
+            .gcra
+            .key(key)
+            .arg(period_us)
+            .arg(burst)
+            .invoke_async(&mut c)
+            .await
+            .map_err(err)?;
+        if allowed == 1 {
+            Ok(Ok(()))
+        } else {
+            Ok(Err(Limited {
+                retry_after: Duration::from_micros(wait_us.max(0) as u64),
+            }))
+        }
     }
 }
