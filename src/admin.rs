@@ -200,7 +200,14 @@ pub async fn handle<P: Probes>(admin: &Admin<P>, req: &Request<Incoming>) -> Res
     match path {
         "/metrics" => {
             // The limiter key count is read at scrape time (housekeeping bounds it).
-            let keys = admin.app.limits.key_counts().iter().map(|(_, n)| n).sum();
+            let keys = admin
+                .app
+                .limits
+                .load()
+                .key_counts()
+                .iter()
+                .map(|(_, n)| n)
+                .sum();
             admin.app.metrics.set_limiter_keys(keys);
             text(
                 StatusCode::OK,
@@ -214,6 +221,18 @@ pub async fn handle<P: Probes>(admin: &Admin<P>, req: &Request<Incoming>) -> Res
             "application/json",
         ),
         "/health/ready" => {
+            // Draining after SIGTERM: take this replica out of load balancing first.
+            if admin
+                .app
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"ready": false, "draining": true}).to_string(),
+                    "application/json",
+                );
+            }
             let report = admin.readiness.check().await;
             let status = if report.ready() {
                 StatusCode::OK

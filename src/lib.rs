@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod http;
+pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
@@ -13,8 +14,8 @@ pub mod store;
 pub mod telemetry;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -38,9 +39,6 @@ pub enum RunError {
     Store(#[from] session::StoreError),
 }
 
-/// How long in-flight requests may take to finish after shutdown begins.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Builds the application state from a validated config.
 pub fn app(config: &Config) -> Result<App, RunError> {
     let store = RedisStore::new(&RedisSettings {
@@ -50,10 +48,11 @@ pub fn app(config: &Config) -> Result<App, RunError> {
     })?;
     let metrics = Arc::new(Metrics::new());
     // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
-    let limits = Arc::new(RateLimits::new(&config.rate_limit, store.clone()));
+    let limits =
+        arc_swap::ArcSwap::from_pointee(RateLimits::new(&config.rate_limit, store.clone()));
     let sessions = Sessions::new(
-        Instrumented::new(store, metrics.clone()),
-        config.tokens.clone(),
+        Instrumented::new(store.clone(), metrics.clone()),
+        config.tokens,
         Arc::new(SystemClock),
         Box::new(rand::rngs::OsRng),
     );
@@ -62,7 +61,9 @@ pub fn app(config: &Config) -> Result<App, RunError> {
         upstream: Upstream::new(&config.upstream, metrics.clone()),
         http: config.http.clone(),
         metrics,
+        redis: store,
         limits,
+        draining: std::sync::atomic::AtomicBool::new(false),
         trusted_proxies: config.trusted_proxies.clone(),
     })
 }
@@ -74,8 +75,14 @@ async fn bind(addr: std::net::SocketAddr) -> Result<(TcpListener, std::net::Sock
     Ok((listener, local))
 }
 
-/// Runs the proxy until `shutdown` resolves, then drains. Integration tests call this too.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+/// Runs the proxy until `shutdown` resolves, then drains for at most `shutdown_timeout`.
+/// With `config_path`, SIGHUP re-reads that file (token lifetimes and rate limits apply live).
+/// Integration tests call this too.
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let (listener, local) = bind(config.listen).await?;
     let admin_listener = match config.admin.listen {
         Some(addr) => Some(bind(addr).await?),
@@ -83,7 +90,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let app = Arc::new(app(&config)?);
 
-    // The admin listener stops once the client listener has drained.
+    // The admin listener stops once the client listener has drained (readiness answers 503
+    // meanwhile).
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_task = admin_listener.map(|(listener, addr)| {
         tracing::info!("admin listening on {addr}");
@@ -92,15 +100,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }))
     });
     log_rate_limits(&config);
-    // Bounded limiter memory; aborted when `run` returns (the guard drops).
-    let _housekeeping = app.limits.is_active().then(|| {
-        AbortOnDrop(tokio::spawn(ratelimit::housekeeping(
-            app.limits.clone(),
-            HOUSEKEEPING_INTERVAL,
+    // Background tasks, aborted when `run` returns (the guards drop).
+    let limits = app.clone();
+    let _housekeeping = AbortOnDrop(tokio::spawn(ratelimit::housekeeping(
+        move || limits.limits.load_full(),
+        HOUSEKEEPING_INTERVAL,
+    )));
+    let _ready = AbortOnDrop(tokio::spawn(lifecycle::ready_when_store_answers(
+        app.clone(),
+    )));
+    let _watchdog = AbortOnDrop(tokio::spawn(lifecycle::watchdog()));
+    let _reload = config_path.map(|path| {
+        AbortOnDrop(tokio::spawn(lifecycle::reload_on_sighup(
+            app.clone(),
+            path,
+            config.clone(),
         )))
     });
     tracing::info!(upstream = %config.upstream.url, "listening on {local}");
-    http::serve(listener, app, shutdown, DRAIN_TIMEOUT).await;
+    let draining = app.clone();
+    let shutdown = async move {
+        shutdown.await;
+        lifecycle::stopping(&draining);
+    };
+    http::serve(listener, app, shutdown, config.shutdown_timeout).await;
     let _ = stop_admin.send(());
     if let Some(task) = admin_task {
         let _ = task.await;

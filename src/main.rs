@@ -55,31 +55,48 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let path = cli.config.clone();
     runtime.block_on(async {
-        matrix_refresh_proxy::run(config, shutdown_signal()).await?;
+        // The first SIGTERM/SIGINT starts a graceful drain; a second one exits at once.
+        let (begin_shutdown, shutdown) = tokio::sync::oneshot::channel::<()>();
+        let mut signals = Signals::new().context("installing signal handlers")?;
+        tokio::spawn(async move {
+            signals.next().await;
+            tracing::info!("signal received: stopping (a second signal exits at once)");
+            let _ = begin_shutdown.send(());
+            signals.next().await;
+            tracing::warn!("second signal: exiting without waiting for in-flight requests");
+            std::process::exit(1);
+        });
+        matrix_refresh_proxy::run(config, Some(path), async {
+            let _ = shutdown.await;
+        })
+        .await?;
         tracing::info!("stopped");
         Ok(())
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGTERM and SIGINT, registered once so that no second signal is missed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
 }

@@ -253,9 +253,10 @@ impl<B: SharedLimiter, C: Clock + Clone> RateLimits<B, C> {
     }
 }
 
-/// Sweeps `limits` every `interval`, forever (the caller aborts it when the server stops).
-/// The sweep walks every key, so it runs on the blocking pool, off the request workers.
-pub async fn housekeeping<B, C>(limits: Arc<RateLimits<B, C>>, interval: Duration)
+/// Sweeps the limiters `current()` returns (they are swapped on reload) every `interval`,
+/// forever (the caller aborts it when the server stops). The sweep walks every key, so it runs
+/// on the blocking pool, off the request workers.
+pub async fn housekeeping<B, C>(current: impl Fn() -> Arc<RateLimits<B, C>>, interval: Duration)
 where
     B: SharedLimiter,
     C: Clock + Clone + Send + Sync + 'static,
@@ -265,7 +266,7 @@ where
     tick.tick().await; // the first tick is immediate
     loop {
         tick.tick().await;
-        let l = limits.clone();
+        let l = current();
         let started = Instant::now();
         match tokio::task::spawn_blocking(move || {
             let before: usize = l.key_counts().iter().map(|(_, n)| n).sum();
@@ -581,8 +582,9 @@ mod tests {
         let (l, clock) = limits(&config(), Arc::default());
         let l = Arc::new(l);
         l.check_login(ip("203.0.113.1")).await.unwrap();
+        let current = l.clone();
         let task = AbortOnDrop(tokio::spawn(housekeeping(
-            l.clone(),
+            move || current.clone(),
             Duration::from_secs(30),
         )));
         clock.advance(Duration::from_secs(60));

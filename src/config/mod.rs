@@ -26,6 +26,8 @@ pub struct Config {
     pub tokens: Lifetimes,
     pub http: HttpConfig,
     pub log: LogConfig,
+    /// How long in-flight requests (long polls included) may take to finish after SIGTERM.
+    pub shutdown_timeout: Duration,
     pub rate_limit: RateLimitConfig,
     /// Peers whose `X-Forwarded-For` is believed when finding the client IP.
     pub trusted_proxies: TrustedProxies,
@@ -39,7 +41,7 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct UpstreamConfig {
     /// Base URL of the homeserver (scheme, authority, optional path prefix without trailing `/`).
     pub url: http::Uri,
@@ -48,14 +50,14 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RedisConfig {
     pub url: String,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct HttpConfig {
     /// Largest JSON body the proxy reads itself (login, register, refresh, logout-ish).
     pub max_json_body: usize,
@@ -126,6 +128,7 @@ struct Raw {
     http: RawHttp,
     #[serde(default)]
     log: RawLog,
+    shutdown_timeout: Option<String>,
     #[serde(default)]
     rate_limit: rate_limit::RawRateLimit,
     trusted_proxies: Option<Vec<String>>,
@@ -403,6 +406,7 @@ impl Config {
             http,
             log: LogConfig { level, format },
             admin,
+            shutdown_timeout: duration("shutdown_timeout", raw.shutdown_timeout.as_deref(), "30s")?,
             rate_limit,
             trusted_proxies,
         })

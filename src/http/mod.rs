@@ -94,7 +94,12 @@ pub struct App {
     pub upstream: Upstream,
     pub http: HttpConfig,
     pub metrics: Arc<Metrics>,
-    pub limits: Arc<RateLimits<crate::store::RedisStore>>,
+    /// The session Redis itself, for a shared rate-limit budget built on reload.
+    pub redis: crate::store::RedisStore,
+    /// Swapped whole on a configuration reload (SIGHUP): budgets start afresh.
+    pub limits: arc_swap::ArcSwap<RateLimits<crate::store::RedisStore>>,
+    /// Set when shutdown begins: readiness turns false while connections drain.
+    pub draining: std::sync::atomic::AtomicBool,
     pub trusted_proxies: TrustedProxies,
 }
 
@@ -109,18 +114,17 @@ async fn rate_limit(
     req: &Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<(), ApiError> {
-    if !app.limits.is_active() {
+    let limits = app.limits.load();
+    if !limits.is_active() {
         return Ok(());
     }
     let client = client_ip(peer.ip(), req.headers(), &app.trusted_proxies);
     let post = req.method() == Method::POST;
-    let (limiter, result) = match app.limits.check_all(client).await {
+    let (limiter, result) = match limits.check_all(client).await {
         Err(l) => ("all", Err(l)),
         Ok(()) => match route {
-            Route::Login | Route::Register if post => {
-                ("login", app.limits.check_login(client).await)
-            }
-            Route::Refresh if post => ("refresh_ip", app.limits.check_refresh_ip(client).await),
+            Route::Login | Route::Register if post => ("login", limits.check_login(client).await),
+            Route::Refresh if post => ("refresh_ip", limits.check_refresh_ip(client).await),
             _ => ("all", Ok(())),
         },
     };

@@ -35,6 +35,7 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>,
     // token. Keyed on the session id inside the token, never on the token itself.
     if let Ok(t) = ProxyToken::parse_kind(rt, TokenKind::Refresh) {
         app.limits
+            .load()
             .check_refresh_session(t.session())
             .await
             .map_err(|l| {

@@ -36,7 +36,7 @@ impl Clock for SystemClock {
 }
 
 /// How long tokens and sessions live (config `tokens:`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lifetimes {
     /// Lifetime of each access token, advertised as `expires_in_ms`.
     pub access: Duration,
@@ -263,7 +263,9 @@ pub enum Refreshed {
 /// The session rules over a store.
 pub struct Sessions<S> {
     store: S,
-    lifetimes: Lifetimes,
+    /// Swapped whole on a configuration reload (SIGHUP); sessions already issued keep the
+    /// expiries they were given.
+    lifetimes: std::sync::RwLock<Lifetimes>,
     clock: Arc<dyn Clock>,
     rng: Mutex<Box<dyn RngCore + Send>>,
 }
@@ -285,7 +287,7 @@ impl<S: TokenStore> Sessions<S> {
     ) -> Self {
         Sessions {
             store,
-            lifetimes,
+            lifetimes: std::sync::RwLock::new(lifetimes),
             clock,
             rng: Mutex::new(rng),
         }
@@ -295,8 +297,13 @@ impl<S: TokenStore> Sessions<S> {
         &self.store
     }
 
-    pub fn lifetimes(&self) -> &Lifetimes {
-        &self.lifetimes
+    pub fn lifetimes(&self) -> Lifetimes {
+        *self.lifetimes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies new lifetimes to tokens issued from now on.
+    pub fn set_lifetimes(&self, l: Lifetimes) {
+        *self.lifetimes.write().unwrap_or_else(|p| p.into_inner()) = l;
     }
 
     fn with_rng<T>(&self, f: impl FnOnce(&mut dyn RngCore) -> T) -> T {
@@ -330,8 +337,9 @@ impl<S: TokenStore> Sessions<S> {
             (at, rt, sa, sr)
         });
         let cap = |t: Millis| if ends_at > 0 { t.min(ends_at) } else { t };
-        let at_exp = cap(now + ms(self.lifetimes.access));
-        let rt_exp = match self.lifetimes.refresh_idle {
+        let lifetimes = self.lifetimes();
+        let at_exp = cap(now + ms(lifetimes.access));
+        let rt_exp = match lifetimes.refresh_idle {
             Some(d) => cap(now + ms(d)),
             None => ends_at,
         };
@@ -368,7 +376,7 @@ impl<S: TokenStore> Sessions<S> {
     pub async fn mint(&self, upstream: &str, info: SessionInfo) -> Result<IssuedPair, StoreError> {
         let now = self.clock.now_ms();
         let sid = self.with_rng(|rng| SessionId::generate(rng));
-        let ends_at = self.lifetimes.session.map(|d| now + ms(d)).unwrap_or(0);
+        let ends_at = self.lifetimes().session.map(|d| now + ms(d)).unwrap_or(0);
         let (pair, access, refresh, ttl) = self.new_pair(sid, upstream, now, ends_at);
         // Index first: an index entry without a session is harmless, a session missing from the
         // index would survive /logout/all.
@@ -430,7 +438,7 @@ impl<S: TokenStore> Sessions<S> {
         let id = rt.lookup_id();
         let mut record = self
             .store
-            .peek_refresh(sid, &id, now, self.lifetimes.revoke_on_reuse)
+            .peek_refresh(sid, &id, now, self.lifetimes().revoke_on_reuse)
             .await?;
         // Two rounds at most: a lost race turns the state into Grace (or a terminal state).
         for _ in 0..2 {

@@ -45,6 +45,8 @@ pub struct ProxyOptions {
     pub admin: &'static str,
     /// `log.format`: `pretty` or `json`.
     pub log_format: &'static str,
+    /// Extra environment variables for the proxy process.
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for ProxyOptions {
@@ -58,6 +60,7 @@ impl Default for ProxyOptions {
             response_timeout: "30s",
             admin: "\"127.0.0.1:0\"",
             log_format: "pretty",
+            env: Vec::new(),
         }
     }
 }
@@ -85,6 +88,9 @@ impl ProxyProcess {
             .env_remove("MRP_LISTEN")
             .env_remove("MRP_UPSTREAM_URL")
             .env_remove("MRP_REDIS_URL")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .envs(o.env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -125,6 +131,34 @@ impl ProxyProcess {
             logs,
             _dir: dir,
         }
+    }
+
+    /// The configuration file the process was started with (rewrite it, then `signal("HUP")`).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("config.yaml")
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, `HUP`).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit; its exit code, or `None` if it still runs after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// The admin listener's base URL.
