@@ -2,7 +2,7 @@
 # matrix-refresh-proxy container image.
 #
 #   docker build -t matrix-refresh-proxy .
-#   docker run -p 8080:8080 -e MRP_UPSTREAM_URL=http://homeserver:8008 \
+#   docker run -p 8080:8080 --stop-timeout 45 -e MRP_UPSTREAM_URL=http://homeserver:8008 \
 #              -e MRP_REDIS_URL=redis://redis:6379 matrix-refresh-proxy
 #
 # Needs BuildKit (the default builder since Docker 23) for the cache mounts.
@@ -29,10 +29,15 @@ COPY --from=builder /out/matrix-refresh-proxy /usr/local/bin/matrix-refresh-prox
 COPY deploy/docker/config.yaml /etc/matrix-refresh-proxy/config.yaml
 # distroless's "nonroot" user, numeric so that Kubernetes' runAsNonRoot can verify it.
 USER 65532:65532
-# 8080: client API (listen). 9090: admin listener (/metrics, /health/*), UPCOMING: the admin
-# branch is not merged yet, and the image's config does not enable it on 0.0.0.0.
+# 8080: client API (listen). 9090: admin listener (/metrics, /health/live, /health/ready), on
+# 0.0.0.0 in the image's config; publish it to internal networks only (no `-P`).
+# There is no HEALTHCHECK (no shell or HTTP client in distroless): probe /health/ready from
+# outside, e.g. a Kubernetes httpGet probe on port 9090.
 EXPOSE 8080 9090
-# SIGTERM drains in-flight requests for up to 30 s: give `docker stop` more (--time 45).
+# SIGTERM drains in-flight requests for up to shutdown_timeout (30 s in the image's config):
+# give Docker more before it kills (`docker run --stop-timeout 45`, `docker stop --time 45`,
+# compose `stop_grace_period: 45s`). A second signal exits at once.
+# SIGHUP (`docker kill --signal HUP`) re-reads the config file: token lifetimes and rate limits.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["matrix-refresh-proxy"]
 CMD ["--config", "/etc/matrix-refresh-proxy/config.yaml"]

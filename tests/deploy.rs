@@ -2,7 +2,9 @@
 //! parses, the configurations that `deploy/` embeds pass the proxy's own parser, and ports,
 //! probes, secrets and timeouts line up between the files that must agree.
 //!
-//! Helm templates are not plain YAML and are not parsed here; `values.yaml` is.
+//! Helm templates are not plain YAML and are not rendered here: `values.yaml` is parsed, the
+//! "none" → null rule of `_helpers.tpl` is applied to it as the chart does, and the probe ports
+//! of the Deployment template are checked as text.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -12,14 +14,20 @@ use matrix_refresh_proxy::config::{Config, ENV_OVERRIDES};
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
-/// Top-level config keys of features on branches not merged yet (admin listener, rate limits,
-/// graceful-shutdown timeout). The deployment files already carry them. While the parser
-/// rejects one as an unknown field it is removed and the rest parsed again, so every other key
-/// is still checked; once its branch lands the parser accepts it and it is checked too.
-const UPCOMING: &[&str] = &["admin", "rate_limit", "trusted_proxies", "shutdown_timeout"];
+/// Config keys that accept null, which Helm cannot pass through values: the chart writes them
+/// as "none" (templates/_helpers.tpl, "mrp.config").
+const HELM_NULLABLE: &[(&str, &str)] = &[
+    ("admin", "listen"),
+    ("rate_limit", "all"),
+    ("rate_limit", "login"),
+    ("rate_limit", "refresh"),
+    ("tokens", "refresh_token_lifetime"),
+    ("tokens", "session_lifetime"),
+];
 
-/// The drain after SIGTERM (`DRAIN_TIMEOUT` in lib.rs; UPCOMING: `shutdown_timeout`).
-const DRAIN: Duration = Duration::from_secs(30);
+/// Readiness checks Redis and the homeserver with 2 s each (README, "Operations"): a probe must
+/// wait longer than that for the answer.
+const MIN_READINESS_TIMEOUT_SECS: u64 = 3;
 
 fn path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -51,31 +59,24 @@ fn str_at<'a>(v: &'a Value, dotted: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{dotted} is not a string: {:?}", get(v, dotted)))
 }
 
-/// Parses a config text, removing upcoming keys only while the parser rejects them as unknown.
+/// Parses a config text with the proxy's own parser, strictly (unknown keys are errors).
 fn parse_config(text: &str, env: impl Fn(&str) -> Option<String>, what: &str) -> Config {
-    let mut doc: Value = serde_yaml::from_str(text).unwrap();
-    let mut removed = Vec::new();
-    loop {
-        let text = serde_yaml::to_string(&doc).unwrap();
-        match Config::parse(&text, &env) {
-            Ok(c) => return c,
-            Err(e) => {
-                let msg = e.to_string();
-                let key = UPCOMING
-                    .iter()
-                    .find(|k| msg.contains(&format!("unknown field `{k}`")))
-                    .unwrap_or_else(|| {
-                        panic!("{what}: {msg} (upcoming keys removed: {removed:?})")
-                    });
-                doc.as_mapping_mut().unwrap().remove(*key);
-                removed.push(*key);
-            }
-        }
-    }
+    Config::parse(text, env).unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
-fn port_of(addr: &str) -> u64 {
-    addr.rsplit(':').next().unwrap().parse().unwrap()
+/// `shutdown_timeout` must be written out in a deployment's config, not left to the default:
+/// the kill timeouts next to it are sized for it.
+fn explicit_shutdown_timeout(text: &str, config: &Config, what: &str) -> Duration {
+    let doc: Value = serde_yaml::from_str(text).unwrap();
+    let written = doc["shutdown_timeout"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: shutdown_timeout is not set explicitly"));
+    assert_eq!(
+        humantime::parse_duration(written).unwrap(),
+        config.shutdown_timeout,
+        "{what}"
+    );
+    config.shutdown_timeout
 }
 
 fn kube_files() -> Vec<String> {
@@ -119,19 +120,15 @@ fn kubernetes_files_are_objects_with_kind_and_name() {
     }
 }
 
-#[test]
-fn kubernetes_configmap_config_passes_the_parser_and_matches_the_pod() {
-    let objects = kube_objects();
-    let cm = object(&objects, "ConfigMap", "matrix-refresh-proxy");
+/// The ConfigMap's config.yaml, parsed as the sidecar sees it: with the Redis URL the
+/// Deployment passes from the Secret as MRP_REDIS_URL. Returns the config and its text.
+fn kube_proxy_config(objects: &[Value]) -> (Config, String) {
+    let cm = object(objects, "ConfigMap", "matrix-refresh-proxy");
     let text = cm["data"]["config.yaml"]
         .as_str()
-        .expect("data: config.yaml");
-    let deploy = object(&objects, "Deployment", "conduit");
-    let pod = get(deploy, "spec.template.spec");
-    let proxy = &pod["initContainers"][0];
-    let conduit = &pod["containers"][0];
-
-    // The Redis URL comes from the Secret, as the Deployment passes it.
+        .expect("data: config.yaml")
+        .to_owned();
+    let proxy = sidecar(objects);
     let env_ref = proxy["env"]
         .as_sequence()
         .unwrap()
@@ -139,7 +136,7 @@ fn kubernetes_configmap_config_passes_the_parser_and_matches_the_pod() {
         .find(|e| e["name"] == "MRP_REDIS_URL")
         .expect("MRP_REDIS_URL in the sidecar's env");
     let secret = object(
-        &objects,
+        objects,
         "Secret",
         str_at(env_ref, "valueFrom.secretKeyRef.name"),
     );
@@ -149,28 +146,49 @@ fn kubernetes_configmap_config_passes_the_parser_and_matches_the_pod() {
     )
     .to_owned();
     let config = parse_config(
-        text,
+        &text,
         |k| (k == "MRP_REDIS_URL").then(|| url.clone()),
         "deploy/kubernetes/configmap.yaml",
     );
     assert_eq!(config.redis.url, url);
+    (config, text)
+}
+
+fn pod_spec(objects: &[Value]) -> &Value {
+    get(
+        object(objects, "Deployment", "conduit"),
+        "spec.template.spec",
+    )
+}
+
+fn sidecar(objects: &[Value]) -> &Value {
+    &pod_spec(objects)["initContainers"][0]
+}
+
+/// The `containerPort` of the port named `name` (probes and Services refer to it by name).
+fn container_port(container: &Value, name: &str) -> u16 {
+    let port = container["ports"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{}: no ports", container["name"].as_str().unwrap()))
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no port {name}"))["containerPort"]
+        .as_u64()
+        .unwrap();
+    u16::try_from(port).unwrap()
+}
+
+#[test]
+fn kubernetes_configmap_config_passes_the_parser_and_matches_the_pod() {
+    let objects = kube_objects();
+    let (config, _) = kube_proxy_config(&objects);
+    let pod = pod_spec(&objects);
+    let proxy = sidecar(&objects);
+    let conduit = &pod["containers"][0];
 
     // Clients reach the proxy on the container port the Service targets, on the pod IP.
     assert!(config.listen.ip().is_unspecified(), "{}", config.listen);
-    let container_port = |c: &Value, name: &str| {
-        c["ports"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap_or_else(|| panic!("no port {name}"))["containerPort"]
-            .as_u64()
-            .unwrap()
-    };
-    assert_eq!(
-        u64::from(config.listen.port()),
-        container_port(proxy, "client")
-    );
+    assert_eq!(config.listen.port(), container_port(proxy, "client"));
 
     // The upstream is Conduit on the pod's loopback, on the port Conduit is told to use.
     let conduit_env = |name: &str| {
@@ -188,29 +206,42 @@ fn kubernetes_configmap_config_passes_the_parser_and_matches_the_pod() {
         format!("http://127.0.0.1:{}", conduit_env("CONDUIT_PORT"))
     );
 
-    // UPCOMING admin listener: on the pod IP, on the port the probes use.
-    let doc: Value = serde_yaml::from_str(text).unwrap();
-    let admin = str_at(&doc, "admin.listen");
-    assert!(admin.starts_with("0.0.0.0:"), "{admin}");
-    assert_eq!(port_of(admin), container_port(proxy, "admin"));
+    // The admin listener: on the pod IP (the kubelet probes it there), on the port named
+    // `admin` that the probes use, never the client port.
+    let admin = config.admin.listen.expect("admin.listen must be set");
+    assert!(admin.ip().is_unspecified(), "admin.listen {admin}");
+    assert_eq!(admin.port(), container_port(proxy, "admin"));
+    assert_ne!(admin.port(), config.listen.port());
 }
 
 #[test]
 fn kubernetes_sidecar_shape() {
     let objects = kube_objects();
+    let (config, text) = kube_proxy_config(&objects);
     let deploy = object(&objects, "Deployment", "conduit");
-    let pod = get(deploy, "spec.template.spec");
-    let proxy = &pod["initContainers"][0];
+    let pod = pod_spec(&objects);
+    let proxy = sidecar(&objects);
     assert_eq!(proxy["name"], "matrix-refresh-proxy");
     assert_eq!(proxy["restartPolicy"], "Always", "a native sidecar");
 
+    // Both probes are HTTP on the admin listener, at its real paths.
+    let admin = config.admin.listen.expect("admin.listen must be set");
     for (probe, path) in [
         ("livenessProbe", "/health/live"),
         ("readinessProbe", "/health/ready"),
     ] {
         assert_eq!(str_at(proxy, &format!("{probe}.httpGet.path")), path);
-        assert_eq!(str_at(proxy, &format!("{probe}.httpGet.port")), "admin");
+        let port = str_at(proxy, &format!("{probe}.httpGet.port"));
+        assert_eq!(port, "admin", "{probe}");
+        assert_eq!(container_port(proxy, port), admin.port(), "{probe}");
     }
+    let timeout = get(proxy, "readinessProbe.timeoutSeconds")
+        .as_u64()
+        .unwrap();
+    assert!(
+        timeout >= MIN_READINESS_TIMEOUT_SECS,
+        "readinessProbe.timeoutSeconds {timeout}"
+    );
 
     let sc = &proxy["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true);
@@ -225,10 +256,22 @@ fn kubernetes_sidecar_shape() {
     assert!(get(proxy, "resources.requests").is_mapping());
     assert!(get(proxy, "resources.limits.memory").is_string());
 
+    // Termination: the main containers (preStop sleep, then SIGTERM) go first, then the
+    // sidecar drains for up to shutdown_timeout. All of it must fit in the grace period.
+    let drain = explicit_shutdown_timeout(&text, &config, "deploy/kubernetes/configmap.yaml");
+    let pre_stop: u64 = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|list| pod[*list].as_sequence().unwrap())
+        .filter_map(|c| get(c, "lifecycle.preStop.sleep.seconds").as_u64())
+        .sum();
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(grace > DRAIN.as_secs(), "grace {grace}s");
+    assert!(
+        Duration::from_secs(grace) > drain + Duration::from_secs(pre_stop),
+        "terminationGracePeriodSeconds {grace} must exceed shutdown_timeout {drain:?} + preStop {pre_stop}s"
+    );
 
-    // The config volume is the ConfigMap, mounted where --config points.
+    // The config volume is the ConfigMap, mounted where --config points (a directory mount,
+    // not subPath, so that ConfigMap updates reach the file for SIGHUP reloads).
     let args: Vec<&str> = proxy["args"]
         .as_sequence()
         .unwrap()
@@ -238,6 +281,7 @@ fn kubernetes_sidecar_shape() {
     assert_eq!(args, ["--config", "/etc/matrix-refresh-proxy/config.yaml"]);
     let mount = &proxy["volumeMounts"][0];
     assert_eq!(mount["mountPath"], "/etc/matrix-refresh-proxy");
+    assert!(mount["subPath"].is_null());
     let volume = pod["volumes"]
         .as_sequence()
         .unwrap()
@@ -251,7 +295,7 @@ fn kubernetes_sidecar_shape() {
         }
     }
 
-    // The Service selects this pod and exposes the proxy's port only.
+    // The Service selects this pod and exposes the proxy's client port only (never /metrics).
     let service = object(&objects, "Service", "matrix");
     let labels = get(deploy, "spec.template.metadata.labels")
         .as_mapping()
@@ -277,34 +321,74 @@ fn unit_entries(text: &str) -> Vec<(String, String)> {
 }
 
 #[test]
-fn systemd_unit_checks_the_config_first_and_outlasts_the_drain() {
-    let entries = unit_entries(&read("deploy/systemd/matrix-refresh-proxy.service"));
-    let one = |key: &str| {
-        let v: Vec<&str> = entries
+fn systemd_unit_notifies_checks_the_config_first_and_outlasts_the_drain() {
+    let unit = read("deploy/systemd/matrix-refresh-proxy.service");
+    let entries = unit_entries(&unit);
+    let all = |key: &str| -> Vec<String> {
+        entries
             .iter()
             .filter(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .collect();
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let one = |key: &str| {
+        let v = all(key);
         assert_eq!(v.len(), 1, "{key}: {v:?}");
-        v[0].to_owned()
+        v[0].clone()
     };
     let start = one("ExecStart");
     let pre = one("ExecStartPre");
     assert!(pre.contains(" check-config"), "{pre}");
     // The check reads the file the service runs with.
     let config_arg = |cmd: &str| cmd.split_once("--config ").unwrap().1.to_owned();
+    let binary = |cmd: &str| cmd.split_whitespace().next().unwrap().to_owned();
     assert_eq!(config_arg(&pre), config_arg(&start));
-    assert_eq!(
-        pre.split_whitespace().next(),
-        start.split_whitespace().next()
+    assert_eq!(binary(&pre), binary(&start));
+
+    // sd-notify: READY=1 once listening with Redis answering, watchdog pings at half of
+    // WatchdogSec (the binary pings only when WATCHDOG_USEC is set, i.e. with WatchdogSec=).
+    assert_eq!(one("Type"), "notify");
+    assert_eq!(one("NotifyAccess"), "main");
+    let watchdog = humantime::parse_duration(&one("WatchdogSec")).unwrap();
+    assert!(
+        watchdog >= Duration::from_secs(2),
+        "WatchdogSec {watchdog:?}"
     );
 
-    assert_eq!(one("Type"), "exec");
+    // `systemctl reload`: check the file (same binary, same file), then SIGHUP the main process.
+    let reload = all("ExecReload");
+    assert_eq!(
+        reload.last().unwrap(),
+        "/bin/kill -HUP $MAINPID",
+        "{reload:?}"
+    );
+    let check = &reload[0];
+    assert!(check.contains(" check-config"), "{reload:?}");
+    assert_eq!(config_arg(check), config_arg(&start));
+    assert_eq!(binary(check), binary(&start));
+
     assert_eq!(one("Restart"), "on-failure");
     assert_eq!(one("KillSignal"), "SIGTERM");
     assert_eq!(one("EnvironmentFile"), "-/etc/default/matrix-refresh-proxy");
+
+    // The unit runs the repository's config.yaml (its install instructions copy it to the
+    // --config path): systemd must wait longer than that file's drain before SIGKILL.
+    assert!(
+        unit.contains(&format!(
+            "install -Dm644 config.yaml {}",
+            config_arg(&start)
+        )),
+        "the unit's install instructions no longer copy config.yaml to {}",
+        config_arg(&start)
+    );
+    let text = read("config.yaml");
+    let config = parse_config(&text, |_| None, "config.yaml");
+    let drain = explicit_shutdown_timeout(&text, &config, "config.yaml");
     let stop = humantime::parse_duration(&one("TimeoutStopSec")).unwrap();
-    assert!(stop > DRAIN, "TimeoutStopSec {stop:?}");
+    assert!(
+        stop > drain,
+        "TimeoutStopSec {stop:?} must exceed shutdown_timeout {drain:?}"
+    );
 
     for (key, value) in [
         ("NoNewPrivileges", "yes"),
@@ -361,6 +445,19 @@ fn systemd_environment_file_names_only_real_overrides() {
     assert_eq!(c.upstream.url.to_string(), "http://127.0.0.1:6167/");
 }
 
+/// The numbers after each `--stop-timeout ` in `text`.
+fn stop_timeouts(text: &str) -> Vec<u64> {
+    text.split("--stop-timeout ")
+        .skip(1)
+        .map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits
+                .parse()
+                .unwrap_or_else(|_| panic!("--stop-timeout {rest:.20}"))
+        })
+        .collect()
+}
+
 #[test]
 fn docker_image_config_needs_only_the_upstream() {
     let text = read("deploy/docker/config.yaml");
@@ -372,18 +469,43 @@ fn docker_image_config_needs_only_the_upstream() {
         "deploy/docker/config.yaml",
     );
     assert!(c.listen.ip().is_unspecified());
+    // The admin listener is reachable from outside the container, on an EXPOSEd port.
+    let admin = c.admin.listen.expect("admin.listen");
+    assert!(admin.ip().is_unspecified(), "admin.listen {admin}");
 
     let dockerfile = read("Dockerfile");
-    let expose = dockerfile
+    let expose: Vec<&str> = dockerfile
         .lines()
         .find_map(|l| l.strip_prefix("EXPOSE "))
-        .unwrap();
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    for port in [c.listen.port(), admin.port()] {
+        assert!(
+            expose.contains(&port.to_string().as_str()),
+            "EXPOSE {expose:?} lacks {port}"
+        );
+    }
+
+    // Docker's default stop timeout (10 s) is below the drain: every `docker run` example
+    // raises it above shutdown_timeout.
+    let drain = explicit_shutdown_timeout(&text, &c, "deploy/docker/config.yaml");
+    let stops: Vec<u64> = stop_timeouts(&dockerfile)
+        .into_iter()
+        .chain(stop_timeouts(&text))
+        .collect();
     assert!(
-        expose
-            .split_whitespace()
-            .any(|p| p == c.listen.port().to_string()),
-        "EXPOSE {expose}"
+        !stops.is_empty(),
+        "no --stop-timeout in the docker examples"
     );
+    for stop in stops {
+        assert!(
+            Duration::from_secs(stop) > drain,
+            "--stop-timeout {stop} must exceed shutdown_timeout {drain:?}"
+        );
+    }
+    assert!(dockerfile.lines().any(|l| l == "STOPSIGNAL SIGTERM"));
+
     assert!(dockerfile.contains("cargo build --release --locked"));
     assert!(
         dockerfile.contains("COPY deploy/docker/config.yaml /etc/matrix-refresh-proxy/config.yaml")
@@ -407,54 +529,136 @@ fn key_paths(prefix: &str, m: &Mapping, out: &mut BTreeSet<String>) {
     }
 }
 
+/// The `(section, key)` pairs that `$nullable` in templates/_helpers.tpl turns from "none" into
+/// null: `dict "tokens" (list "a" "b") "admin" (list "listen") …`.
+fn helm_nullable_keys() -> BTreeSet<(String, String)> {
+    let helpers = read("deploy/helm/matrix-refresh-proxy/templates/_helpers.tpl");
+    let line = helpers
+        .lines()
+        .find_map(|l| l.split_once("$nullable := dict ").map(|(_, rest)| rest))
+        .expect("$nullable in _helpers.tpl");
+    let mut out = BTreeSet::new();
+    let mut section = String::new();
+    let mut in_list = false;
+    for (i, part) in line.split('"').enumerate() {
+        if i % 2 == 0 {
+            // Between quoted strings: track the parentheses of `(list …)`.
+            if part.contains('(') {
+                in_list = true;
+            }
+            if part.contains(')') {
+                in_list = false;
+            }
+        } else if in_list {
+            out.insert((section.clone(), part.to_owned()));
+        } else {
+            section = part.to_owned();
+        }
+    }
+    out
+}
+
+/// What templates/_helpers.tpl ("mrp.config") does to `.Values.config` before rendering it.
+fn helm_render_config(mut config: Value) -> String {
+    for (section, key) in helm_nullable_keys() {
+        if config[section.as_str()][key.as_str()] == "none" {
+            config[section.as_str()][key.as_str()] = Value::Null;
+        }
+    }
+    serde_yaml::to_string(&config).unwrap()
+}
+
 #[test]
 fn helm_values_map_every_config_key_and_pass_the_parser() {
     let values: Value =
         serde_yaml::from_str(&read("deploy/helm/matrix-refresh-proxy/values.yaml")).unwrap();
     let mut config = values["config"].clone();
 
-    // Every key of the documented config.yaml is settable through values (redis.url through
-    // the redis: section, as a Secret). The upcoming sections are passed through whole, so
-    // their presence maps every key inside them.
+    // Every key of the documented config.yaml is spelled out in values (redis.url through the
+    // redis: section, as a Secret), so the chart renders each one as given.
     let shipped: Value = serde_yaml::from_str(&read("config.yaml")).unwrap();
     let (mut want, mut have) = (BTreeSet::new(), BTreeSet::new());
     key_paths("", shipped.as_mapping().unwrap(), &mut want);
     key_paths("", config.as_mapping().unwrap(), &mut have);
     want.remove("redis.url");
-    let passed_through = |k: &String| {
-        let top = k.split('.').next().unwrap();
-        UPCOMING.contains(&top) && have.contains(top)
-    };
-    let missing: Vec<_> = want
-        .difference(&have)
-        .filter(|k| !passed_through(k))
-        .collect();
+    let missing: Vec<_> = want.difference(&have).collect();
     assert!(missing.is_empty(), "values.yaml config lacks {missing:?}");
     assert!(values["redis"]["url"].is_string() && values["redis"]["existingSecret"].is_string());
 
-    // What templates/_helpers.tpl ("mrp.config") does before rendering: the required
-    // upstream.url is set by the user, empty upcoming keys are left out, "none" is null.
+    // The "none" rule covers the listed keys, and each of them really accepts null.
+    let expected: BTreeSet<(String, String)> = HELM_NULLABLE
+        .iter()
+        .map(|(s, k)| (s.to_string(), k.to_string()))
+        .collect();
+    assert_eq!(helm_nullable_keys(), expected, "$nullable in _helpers.tpl");
+    for (section, key) in HELM_NULLABLE {
+        let text = format!("upstream: {{url: 'http://hs'}}\n{section}: {{{key}: null}}");
+        parse_config(&text, |_| None, &text);
+    }
+
+    // The required upstream.url is set by the user; the rest renders as given.
     config["upstream"]["url"] = "http://conduit:6167".into();
-    let m = config.as_mapping_mut().unwrap();
-    for key in UPCOMING {
-        let empty = match m.get(*key) {
-            None | Some(Value::Null) => true,
-            Some(Value::Mapping(x)) => x.is_empty(),
-            Some(Value::Sequence(x)) => x.is_empty(),
-            Some(Value::String(x)) => x.is_empty(),
-            Some(_) => false,
-        };
-        if empty {
-            m.remove(*key);
-        }
-    }
-    for key in ["refresh_token_lifetime", "session_lifetime"] {
-        if config["tokens"][key] == "none" {
-            config["tokens"][key] = Value::Null;
-        }
-    }
-    let text = serde_yaml::to_string(&config).unwrap();
+    let text = helm_render_config(config.clone());
     let c = parse_config(&text, |_| None, "helm values.yaml config");
     assert_eq!(c.tokens.session, None);
     assert!(c.listen.ip().is_unspecified());
+    let admin = c.admin.listen.expect("config.admin.listen");
+    assert!(admin.ip().is_unspecified(), "admin.listen {admin}");
+    assert_ne!(admin.port(), c.listen.port());
+
+    // Termination: preStop sleep, then the drain, inside the grace period.
+    let drain = explicit_shutdown_timeout(&text, &c, "helm values.yaml config");
+    let grace = values["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let pre_stop = values["preStopSleepSeconds"].as_u64().unwrap();
+    assert!(
+        Duration::from_secs(grace) > drain + Duration::from_secs(pre_stop),
+        "terminationGracePeriodSeconds {grace} must exceed shutdown_timeout {drain:?} + preStopSleepSeconds {pre_stop}"
+    );
+    let timeout = values["readinessProbe"]["timeoutSeconds"].as_u64().unwrap();
+    assert!(
+        timeout >= MIN_READINESS_TIMEOUT_SECS,
+        "readinessProbe.timeoutSeconds {timeout}"
+    );
+
+    // "none" turns the admin listener and single limits off.
+    config["admin"]["listen"] = "none".into();
+    config["rate_limit"]["login"] = "none".into();
+    let c = parse_config(&helm_render_config(config), |_| None, "values with none");
+    assert_eq!(c.admin.listen, None);
+    assert_eq!(c.rate_limit.login, None);
+}
+
+#[test]
+fn helm_probes_use_the_admin_port() {
+    // Templates are not YAML; check the text of the admin branch of the probes.
+    let template = read("deploy/helm/matrix-refresh-proxy/templates/deployment.yaml");
+    let admin_branch = template
+        .split_once(
+            r#"{{- if include "mrp.adminEnabled" . }}
+          readinessProbe:"#,
+        )
+        .expect("probes under mrp.adminEnabled")
+        .1
+        .split_once("{{- else }}")
+        .unwrap()
+        .0;
+    let squeeze = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let branch = squeeze(admin_branch);
+    for path in ["/health/ready", "/health/live"] {
+        assert!(
+            branch.contains(&format!("httpGet: path: {path} port: admin")),
+            "{path} not probed on port admin: {branch}"
+        );
+    }
+    assert!(
+        squeeze(&template)
+            .contains(r#"- name: admin containerPort: {{ include "mrp.adminPort" . }}"#)
+    );
+    let helpers = read("deploy/helm/matrix-refresh-proxy/templates/_helpers.tpl");
+    assert!(
+        squeeze(&helpers).contains(
+            r#"{{- define "mrp.adminPort" -}} {{- include "mrp.port" .Values.config.admin.listen }}"#
+        ),
+        "the admin containerPort comes from config.admin.listen"
+    );
 }

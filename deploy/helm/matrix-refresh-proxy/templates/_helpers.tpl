@@ -46,9 +46,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- include "mrp.port" .Values.config.listen }}
 {{- end }}
 
-{{/* True (non-empty) when the admin listener is configured (UPCOMING: admin branch). */}}
+{{/*
+True (non-empty) when the admin listener is on: config.admin.listen set and not "none". The
+admin container port, the HTTP probes, the metrics Service and the ServiceMonitor depend on it.
+A loopback address is refused: the kubelet and Prometheus connect to the pod IP.
+*/}}
 {{- define "mrp.adminEnabled" -}}
-{{- if and .Values.config.admin .Values.config.admin.listen }}true{{ end }}
+{{- $listen := "" }}
+{{- if kindIs "map" .Values.config.admin }}
+{{- $listen = toString (default "" .Values.config.admin.listen) }}
+{{- end }}
+{{- if and $listen (ne $listen "none") }}
+{{- if or (hasPrefix "127." $listen) (hasPrefix "[::1]" $listen) (hasPrefix "localhost" $listen) }}
+{{- fail (printf "config.admin.listen %s is a loopback address: the probes and Prometheus reach the pod IP. Use e.g. 0.0.0.0:9090, or \"none\" to disable it" $listen) }}
+{{- end }}true
+{{- end }}
 {{- end }}
 
 {{- define "mrp.adminPort" -}}
@@ -71,22 +83,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-The proxy's config.yaml. Keys of features not merged yet (admin, rate_limit, trusted_proxies,
-shutdown_timeout) are left out while empty, because the proxy rejects unknown keys. "none"
-becomes null for the two nullable lifetimes (Helm drops null values).
+The proxy's config.yaml, .Values.config as given (every key spelled out in values.yaml). Helm
+deletes keys set to null (`--set key=null`), which means "the proxy's default", so the string
+"none" stands for null on the keys that accept it. Keep this list in step with values.yaml;
+tests/deploy.rs applies the same rule before parsing values.yaml with the proxy's parser.
 */}}
 {{- define "mrp.config" -}}
 {{- $c := deepCopy .Values.config }}
 {{- $_ := required "config.upstream.url is required: the homeserver's Service URL, e.g. http://conduit:6167" $c.upstream.url }}
-{{- range $key := list "admin" "rate_limit" "trusted_proxies" "shutdown_timeout" }}
-{{- if empty (get $c $key) }}
-{{- $_ := unset $c $key }}
+{{- $nullable := dict "tokens" (list "refresh_token_lifetime" "session_lifetime") "rate_limit" (list "login" "refresh" "all") "admin" (list "listen") }}
+{{- range $section, $keys := $nullable }}
+{{- $s := get $c $section }}
+{{- if kindIs "map" $s }}
+{{- range $key := $keys }}
+{{- if eq (toString (get $s $key)) "none" }}
+{{- $_ := set $s $key nil }}
 {{- end }}
 {{- end }}
-{{- $tokens := $c.tokens | default dict }}
-{{- range $key := list "refresh_token_lifetime" "session_lifetime" }}
-{{- if eq (toString (get $tokens $key)) "none" }}
-{{- $_ := set $tokens $key nil }}
 {{- end }}
 {{- end }}
 {{- toYaml $c }}
