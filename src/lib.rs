@@ -106,17 +106,24 @@ pub async fn run(
         move || limits.limits.load_full(),
         HOUSEKEEPING_INTERVAL,
     )));
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let _reload = match (config_path, hup) {
+        (Some(path), Ok(hup)) => Some(AbortOnDrop(tokio::spawn(lifecycle::reload_on_sighup(
+            app.clone(),
+            path,
+            config.clone(),
+            hup,
+        )))),
+        (Some(_), Err(e)) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; configuration reload disabled");
+            None
+        }
+        (None, _) => None,
+    };
     let _ready = AbortOnDrop(tokio::spawn(lifecycle::ready_when_store_answers(
         app.clone(),
     )));
     let _watchdog = AbortOnDrop(tokio::spawn(lifecycle::watchdog()));
-    let _reload = config_path.map(|path| {
-        AbortOnDrop(tokio::spawn(lifecycle::reload_on_sighup(
-            app.clone(),
-            path,
-            config.clone(),
-        )))
-    });
     tracing::info!(upstream = %config.upstream.url, "listening on {local}");
     let draining = app.clone();
     let shutdown = async move {

@@ -70,11 +70,14 @@ pub async fn watchdog() {
 /// lifetimes (for tokens issued from then on) and rate limits (budgets start afresh). Changes
 /// to other keys are reported as needing a restart. A file that does not parse changes
 /// nothing.
-pub async fn reload_on_sighup(app: Arc<App>, path: PathBuf, mut running: Config) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; configuration reload disabled");
-        return;
-    };
+/// The SIGHUP stream is created by the caller before `READY=1` can be sent, so an early
+/// `systemctl reload` cannot kill the process (SIGHUP's default action).
+pub async fn reload_on_sighup(
+    app: Arc<App>,
+    path: PathBuf,
+    mut running: Config,
+    mut hup: tokio::signal::unix::Signal,
+) {
     while hup.recv().await.is_some() {
         notify(&[NotifyState::Reloading]);
         match Config::load(&path) {

@@ -75,7 +75,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LogConfig {
     /// A tracing filter directive (`info`, `matrix_refresh_proxy=debug` …); `RUST_LOG` wins.
     pub level: String,
