@@ -117,11 +117,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(t) => Some(tls::reload_on_hangup(t.clone()).map_err(RunError::Signal)?),
         None => None,
     };
-    tracing::info!(
-        upstream = %config.upstream.url,
-        tls = app.tls.is_some(),
-        "listening on {local}"
-    );
+    tracing::info!(upstream = %config.upstream.url, "listening on {local}");
     http::serve(listener, app, shutdown, DRAIN_TIMEOUT).await;
     let _ = stop_admin.send(());
     if let Some(task) = admin_task {

@@ -173,7 +173,13 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 /// The client listener's certificate, replaceable while serving.
 pub struct ServerTls {
     files: TlsConfig,
-    current: ArcSwap<ServerConfig>,
+    current: ArcSwap<Loaded>,
+}
+
+struct Loaded {
+    config: Arc<ServerConfig>,
+    /// Of the leaf certificate ([`fingerprint`]).
+    fingerprint: String,
 }
 
 impl ServerTls {
@@ -187,7 +193,10 @@ impl ServerTls {
         );
         Ok(ServerTls {
             files: files.clone(),
-            current: ArcSwap::from_pointee(config),
+            current: ArcSwap::from_pointee(Loaded {
+                config: Arc::new(config),
+                fingerprint,
+            }),
         })
     }
 
@@ -195,18 +204,26 @@ impl ServerTls {
     /// theirs); on failure nothing changes and the error is returned.
     pub fn reload(&self) -> Result<(), TlsError> {
         let (config, fingerprint) = load_server_config(&self.files)?;
-        self.current.store(Arc::new(config));
         tracing::info!(
             cert_file = %self.files.cert_file.display(),
             sha256 = %fingerprint,
             "TLS certificate reloaded"
         );
+        self.current.store(Arc::new(Loaded {
+            config: Arc::new(config),
+            fingerprint,
+        }));
         Ok(())
     }
 
     /// An acceptor with the certificate in force now.
     pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.load_full())
+        TlsAcceptor::from(self.current.load().config.clone())
+    }
+
+    /// The SHA-256 fingerprint of the leaf certificate in force.
+    pub fn fingerprint(&self) -> String {
+        self.current.load().fingerprint.clone()
     }
 }
 
@@ -360,4 +377,79 @@ fn system_roots() -> Result<RootCertStore, TlsError> {
         tracing::warn!(error = %e, "some system root certificates could not be loaded");
     }
     Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair};
+
+    /// A self-signed certificate for 127.0.0.1: (cert PEM, key PEM, fingerprint).
+    fn self_signed() -> (String, String, String) {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem(), fingerprint(cert.der()))
+    }
+
+    #[test]
+    fn reload_swaps_and_a_failed_reload_keeps_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsConfig {
+            cert_file: dir.path().join("c.pem"),
+            key_file: dir.path().join("k.pem"),
+        };
+        let write = |(c, k, _): &(String, String, String)| {
+            std::fs::write(&files.cert_file, c).unwrap();
+            std::fs::write(&files.key_file, k).unwrap();
+        };
+        let (one, two) = (self_signed(), self_signed());
+        write(&one);
+        let tls = ServerTls::load(&files).unwrap();
+        assert_eq!(tls.fingerprint(), one.2);
+        write(&two);
+        tls.reload().unwrap();
+        assert_eq!(tls.fingerprint(), two.2);
+        // Certificate of one, key of two.
+        std::fs::write(&files.cert_file, &one.0).unwrap();
+        assert!(matches!(tls.reload(), Err(TlsError::KeyMismatch)));
+        std::fs::remove_file(&files.key_file).unwrap();
+        assert!(matches!(tls.reload(), Err(TlsError::Read { .. })));
+        assert_eq!(tls.fingerprint(), two.2);
+    }
+
+    #[test]
+    fn pem_errors_never_quote_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.pem");
+        for text in [
+            "-----BEGIN PRIVATE KEY-----\nSECRET*not*base64\n-----END PRIVATE KEY-----\n",
+            "-----BEGIN PRIVATE KEY-----\nU0VDUkVU\n",
+            "-----BEGIN PRIVATE KEY SECRET\nU0VDUkVU\n-----END PRIVATE KEY-----\n",
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let e = read_private_key(&p).unwrap_err().to_string();
+            assert!(!e.contains("SECRET") && !e.contains("U0VDUkVU"), "{e}");
+            assert!(e.contains("k.pem"), "{e}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_handshake_ends_at_the_deadline() {
+        let (c, k, _) = self_signed();
+        let chain = CertificateDer::pem_slice_iter(c.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(k.as_bytes()).unwrap();
+        let acceptor = TlsAcceptor::from(Arc::new(server_config(chain, key).unwrap()));
+        // The client end stays open and silent.
+        let (_client, server) = tokio::io::duplex(1024);
+        let started = tokio::time::Instant::now();
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let r = accept(Some(acceptor), server, Duration::from_secs(30), peer).await;
+        assert!(r.is_none());
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
 }

@@ -566,10 +566,8 @@ mod tests {
     #[test]
     fn tls_keys() {
         let c = parse(
-            "upstream: {url: 'https://hs.example:8448/', ca_file: /etc/ca.pem}
-\
-             redis: {url: 'rediss://redis.example:6380/0', ca_file: redis-ca.pem}
-\
+            "upstream: {url: 'https://hs.example:8448/', ca_file: /etc/ca.pem}\n\
+             redis: {url: 'rediss://redis.example:6380/0', ca_file: redis-ca.pem}\n\
              tls: {cert_file: /etc/fullchain.pem, key_file: /etc/privkey.pem}",
         )
         .unwrap();
