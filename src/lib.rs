@@ -12,6 +12,7 @@ pub mod ratelimit;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -37,14 +38,21 @@ pub enum RunError {
     },
     #[error("redis: {0}")]
     Store(#[from] session::StoreError),
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(std::io::Error),
 }
 
 /// Builds the application state from a validated config.
 pub fn app(config: &Config) -> Result<App, RunError> {
+    // For the TLS configs libraries build themselves (rediss://).
+    tls::install_default_provider();
     let store = RedisStore::new(&RedisSettings {
         url: config.redis.url.clone(),
         connect_timeout: config.redis.connect_timeout,
         response_timeout: config.redis.response_timeout,
+        ca_file: config.redis.ca_file.clone(),
     })?;
     let metrics = Arc::new(Metrics::new());
     // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
@@ -58,13 +66,17 @@ pub fn app(config: &Config) -> Result<App, RunError> {
     );
     Ok(App {
         sessions,
-        upstream: Upstream::new(&config.upstream, metrics.clone()),
+        upstream: Upstream::new(&config.upstream, metrics.clone())?,
         http: config.http.clone(),
         metrics,
         redis: store,
         limits,
         draining: std::sync::atomic::AtomicBool::new(false),
         trusted_proxies: config.trusted_proxies.clone(),
+        tls: match &config.tls {
+            Some(files) => Some(Arc::new(tls::ServerTls::load(files)?)),
+            None => None,
+        },
     })
 }
 
@@ -124,6 +136,12 @@ pub async fn run(
         app.clone(),
     )));
     let _watchdog = AbortOnDrop(tokio::spawn(lifecycle::watchdog()));
+    // SIGHUP re-reads the TLS certificate (stopped when `run` returns, the guard drops).
+    #[cfg(unix)]
+    let _tls_reload = match &app.tls {
+        Some(t) => Some(tls::reload_on_hangup(t.clone()).map_err(RunError::Signal)?),
+        None => None,
+    };
     tracing::info!(upstream = %config.upstream.url, "listening on {local}");
     let draining = app.clone();
     let shutdown = async move {

@@ -6,7 +6,7 @@
 mod rate_limit;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -32,6 +32,17 @@ pub struct Config {
     /// Peers whose `X-Forwarded-For` is believed when finding the client IP.
     pub trusted_proxies: TrustedProxies,
     pub admin: AdminConfig,
+    /// TLS on the client listener; `None` = plain HTTP (TLS terminated in front, or none).
+    pub tls: Option<TlsConfig>,
+}
+
+/// The client listener's certificate files (PEM), re-read on SIGHUP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// The private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// The operator listener (`/metrics`, `/health/live`, `/health/ready`).
@@ -48,6 +59,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Time allowed for the homeserver's response headers (after the request body was sent).
     pub response_timeout: Duration,
+    /// For an `https://` URL: the CA bundle (PEM) to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -55,6 +68,8 @@ pub struct RedisConfig {
     pub url: String,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// For a `rediss://` URL: the CA bundle (PEM) to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -134,6 +149,14 @@ struct Raw {
     trusted_proxies: Option<Vec<String>>,
     #[serde(default)]
     admin: RawAdmin,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: Option<String>,
+    key_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -149,6 +172,7 @@ struct RawUpstream {
     url: Option<String>,
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
+    ca_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -157,6 +181,7 @@ struct RawRedis {
     url: Option<String>,
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
+    ca_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -224,7 +249,38 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, |k| std::env::var(k).ok())
+        let config = Self::parse(&text, |k| std::env::var(k).ok())?;
+        config.check_files()?;
+        Ok(config)
+    }
+
+    /// Reads the files the config names (TLS certificate and key, CA bundles) and checks that
+    /// they parse, so the proxy refuses to start (and `check-config` fails) on a bad one.
+    /// [`Config::parse`] does not touch the filesystem.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        fn named(key: &'static str) -> impl Fn(crate::tls::TlsError) -> ConfigError {
+            move |e| invalid(key, e.to_string())
+        }
+        if let Some(tls) = &self.tls {
+            let chain =
+                crate::tls::read_cert_chain(&tls.cert_file).map_err(named("tls.cert_file"))?;
+            let key = crate::tls::read_private_key(&tls.key_file).map_err(named("tls.key_file"))?;
+            // A leaf that does not parse, or a key of another certificate.
+            crate::tls::server_config(chain, key).map_err(|e| match e {
+                crate::tls::TlsError::KeyMismatch => invalid(
+                    "tls.key_file",
+                    format!("{e} in tls.cert_file ({})", tls.cert_file.display()),
+                ),
+                e => invalid("tls.cert_file", e.to_string()),
+            })?;
+        }
+        if let Some(ca) = &self.upstream.ca_file {
+            crate::tls::read_ca_bundle(ca).map_err(named("upstream.ca_file"))?;
+        }
+        if let Some(ca) = &self.redis.ca_file {
+            crate::tls::read_ca_bundle(ca).map_err(named("redis.ca_file"))?;
+        }
+        Ok(())
     }
 
     /// Parses YAML text; `env` supplies override variables.
@@ -271,11 +327,11 @@ impl Config {
             .parse()
             .map_err(|e| invalid("upstream.url", format!("not a URL ({e}): {url_s:?}")))?;
         match url.scheme_str() {
-            Some("http") => {}
+            Some("http" | "https") => {}
             Some(other) => {
                 return Err(invalid(
                     "upstream.url",
-                    format!("scheme {other:?} is not supported (use http)"),
+                    format!("scheme {other:?} is not supported (use http or https)"),
                 ));
             }
             None => {
@@ -291,7 +347,15 @@ impl Config {
         if url.query().is_some() {
             return Err(invalid("upstream.url", "must not have a query"));
         }
+        let upstream_ca = path("upstream.ca_file", raw.upstream.ca_file)?;
+        if upstream_ca.is_some() && url.scheme_str() != Some("https") {
+            return Err(invalid(
+                "upstream.ca_file",
+                "set, but upstream.url is not https:// (remove it, or use https)",
+            ));
+        }
         let upstream = UpstreamConfig {
+            ca_file: upstream_ca,
             url,
             connect_timeout: duration(
                 "upstream.connect_timeout",
@@ -311,7 +375,15 @@ impl Config {
             .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
         redis::Client::open(redis_url.as_str())
             .map_err(|e| invalid("redis.url", format!("not a Redis URL: {}", e)))?;
+        let redis_ca = path("redis.ca_file", raw.redis.ca_file)?;
+        if redis_ca.is_some() && !redis_url.starts_with("rediss://") {
+            return Err(invalid(
+                "redis.ca_file",
+                "set, but redis.url is not rediss:// (remove it, or use rediss)",
+            ));
+        }
         let redis = RedisConfig {
+            ca_file: redis_ca,
             url: redis_url,
             connect_timeout: duration(
                 "redis.connect_timeout",
@@ -397,6 +469,7 @@ impl Config {
         };
         let rate_limit = rate_limit::rate_limit(raw.rate_limit)?;
         let trusted_proxies = rate_limit::trusted_proxies(raw.trusted_proxies.unwrap_or_default())?;
+        let tls = raw.tls.map(tls_files).transpose()?;
 
         Ok(Config {
             listen,
@@ -409,8 +482,30 @@ impl Config {
             shutdown_timeout: duration("shutdown_timeout", raw.shutdown_timeout.as_deref(), "30s")?,
             rate_limit,
             trusted_proxies,
+            tls,
         })
     }
+}
+
+/// An optional file path: absent or `null` = none; empty is an error.
+fn path(key: &str, v: Option<String>) -> Result<Option<PathBuf>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(s) if s.trim().is_empty() => Err(invalid(key, "empty path (use null for none)")),
+        Some(s) => Ok(Some(PathBuf::from(s))),
+    }
+}
+
+/// `tls: {cert_file, key_file}`: both required once the section is there.
+fn tls_files(raw: RawTls) -> Result<TlsConfig, ConfigError> {
+    let required = |key: &str, v: Option<String>| {
+        path(key, v)?
+            .ok_or_else(|| invalid(key, "missing (a PEM file; or tls: null for plain HTTP)"))
+    };
+    Ok(TlsConfig {
+        cert_file: required("tls.cert_file", raw.cert_file)?,
+        key_file: required("tls.key_file", raw.key_file)?,
+    })
 }
 
 /// `admin.listen`: default `127.0.0.1:9090`, `null` disables. The admin endpoints are never
@@ -467,6 +562,39 @@ mod tests {
         assert_eq!(c.rate_limit.all, None);
         assert!(c.trusted_proxies.is_empty());
         assert_eq!(c.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.tls, None);
+        assert_eq!(c.upstream.ca_file, None);
+        assert_eq!(c.redis.ca_file, None);
+    }
+
+    #[test]
+    fn tls_keys() {
+        let c = parse(
+            "upstream: {url: 'https://hs.example:8448/', ca_file: /etc/ca.pem}\n\
+             redis: {url: 'rediss://redis.example:6380/0', ca_file: redis-ca.pem}\n\
+             tls: {cert_file: /etc/fullchain.pem, key_file: /etc/privkey.pem}",
+        )
+        .unwrap();
+        assert_eq!(c.upstream.url.scheme_str(), Some("https"));
+        assert_eq!(c.upstream.ca_file, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(c.redis.ca_file, Some(PathBuf::from("redis-ca.pem")));
+        assert_eq!(
+            c.tls,
+            Some(TlsConfig {
+                cert_file: "/etc/fullchain.pem".into(),
+                key_file: "/etc/privkey.pem".into(),
+            })
+        );
+        // null and absent both mean plain HTTP and system roots.
+        let c = parse("upstream: {url: 'https://hs', ca_file: null}\ntls: null").unwrap();
+        assert_eq!((c.tls, c.upstream.ca_file), (None, None));
+        // `parse` reads no file: the PEM checks are `check_files`, which `load` runs.
+        let c = parse("upstream: {url: 'http://hs'}\ntls: {cert_file: /nonexistent/c, key_file: /nonexistent/k}").unwrap();
+        let e = c.check_files().unwrap_err().to_string();
+        assert!(
+            e.starts_with("tls.cert_file: cannot read /nonexistent/c"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -555,6 +683,34 @@ mod tests {
             ),
             ("upstream: {url: 'http://hs'}\nadmin: {port: 1}", "port"),
             ("upstream: {url: 'http://hs'}\ntokenz: {}", "tokenz"),
+            (
+                "upstream: {url: 'http://hs'}\ntls: {cert_file: c.pem}",
+                "tls.key_file",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\ntls: {key_file: k.pem}",
+                "tls.cert_file",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\ntls: {cert_file: '', key_file: k.pem}",
+                "tls.cert_file",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\ntls: {cert_file: c, key_file: k, ca_file: x}",
+                "ca_file",
+            ),
+            (
+                "upstream: {url: 'http://hs', ca_file: ca.pem}",
+                "upstream.ca_file",
+            ),
+            (
+                "upstream: {url: 'https://hs', ca_file: ''}",
+                "upstream.ca_file",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {url: 'redis://r', ca_file: ca.pem}",
+                "redis.ca_file",
+            ),
         ];
         for (text, key) in cases {
             let e = parse(text).expect_err(text).to_string();

@@ -101,6 +101,16 @@ pub struct App {
     /// Set when shutdown begins: readiness turns false while connections drain.
     pub draining: std::sync::atomic::AtomicBool,
     pub trusted_proxies: TrustedProxies,
+    /// TLS on the client listener (`tls:` in the config); `reload` swaps its certificate.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
+}
+
+/// How the client reached the proxy, put in each request's extensions by [`serve`]; it becomes
+/// `X-Forwarded-Proto` upstream (the homeserver builds its URLs from it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientScheme {
+    Http,
+    Https,
 }
 
 /// The rate limits checked before routing (issue 4): `all` on every request, `login` on
@@ -303,9 +313,17 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let activity = conn::Activity::new();
+                // The certificate in force now; a reload affects later connections only.
+                let acceptor = app.tls.as_ref().map(|t| t.acceptor());
+                let scheme = match acceptor {
+                    Some(_) => ClientScheme::Https,
+                    None => ClientScheme::Http,
+                };
+                let handshake_timeout = app.http.header_read_timeout;
                 let app = app.clone();
                 let act = activity.clone();
-                let svc = service_fn(move |req| {
+                let svc = service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(scheme);
                     let app = app.clone();
                     let in_flight = act.request();
                     async move {
@@ -314,10 +332,17 @@ pub async fn serve(
                         Ok::<_, Infallible>(res)
                     }
                 });
-                let io = TokioIo::new(conn::TrackedIo::new(stream, activity.clone()));
-                let conn = graceful.watch(builder.serve_connection(io, svc).into_owned());
+                let io = conn::TrackedIo::new(stream, activity.clone());
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let _permit = permit;
+                    // TLS: the handshake, bounded like a request head (the slot is held).
+                    let Some(io) = crate::tls::accept(acceptor, io, handshake_timeout, peer).await
+                    else {
+                        return;
+                    };
+                    let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
                     tokio::select! {
                         r = conn => if let Err(e) = r {
                             tracing::debug!(error = %e, "connection ended with an error");

@@ -2,6 +2,7 @@
 //! rewriting.
 
 pub mod client_ip;
+pub mod connector;
 pub mod credentials;
 pub mod headers;
 
@@ -14,12 +15,12 @@ use http::{HeaderValue, Method, Request, Response, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
 use crate::http::{Body, BoxError, full};
 use crate::metrics::{Metrics, UpstreamCall, UpstreamFailure};
+use crate::tls::TlsError;
 
 /// Why the homeserver could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +34,7 @@ pub enum UpstreamError {
 /// The homeserver, through a pooled keep-alive client.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    client: Client<connector::UpstreamConnector, Body>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     /// Path prefix without trailing `/` ("" for none).
@@ -43,11 +44,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+    /// Fails when the trust roots of an `https://` upstream cannot be loaded.
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, TlsError> {
+        let connector = connector::connector(cfg)?;
         let client = Client::builder(TokioExecutor::new())
             // Without a timer the idle timeout below does nothing (hyper-util docs).
             .pool_timer(TokioTimer::new())
@@ -55,14 +54,14 @@ impl Upstream {
             .pool_max_idle_per_host(256)
             .build(connector);
         let parts = cfg.url.clone().into_parts();
-        Upstream {
+        Ok(Upstream {
             client,
             scheme: parts.scheme.unwrap_or(http::uri::Scheme::HTTP),
             authority: parts.authority.expect("validated in config"),
             base_path: cfg.url.path().trim_end_matches('/').to_owned(),
             response_timeout: cfg.response_timeout,
             metrics,
-        }
+        })
     }
 
     /// The upstream URI for a client path and query.
@@ -121,7 +120,12 @@ impl Upstream {
         peer: IpAddr,
         call: UpstreamCall,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        headers::prepare_request(&mut parts.headers, peer, "http");
+        // Set by the listener on every client request (`http::serve`).
+        let proto = match parts.extensions.get::<crate::http::ClientScheme>() {
+            Some(crate::http::ClientScheme::Https) => "https",
+            Some(crate::http::ClientScheme::Http) | None => "http",
+        };
+        headers::prepare_request(&mut parts.headers, peer, proto);
         parts.uri = self
             .uri(path, query)
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;

@@ -41,6 +41,8 @@ pub struct RedisSettings {
     pub url: String,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// For `rediss://`: trust only this CA bundle (PEM) instead of the system roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 struct Scripts {
@@ -155,7 +157,18 @@ impl RedisStore {
     /// Creates the store without connecting: the proxy starts (and serves anonymous traffic)
     /// while Redis is down, and connects on first use.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let client = redis::Client::open(settings.url.as_str()).map_err(err)?;
+        let client = match &settings.ca_file {
+            None => redis::Client::open(settings.url.as_str()).map_err(err)?,
+            Some(ca) => {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| StoreError(format!("cannot read {}: {e}", ca.display())))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(settings.url.as_str(), certs).map_err(err)?
+            }
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(Some(settings.response_timeout))

@@ -66,6 +66,8 @@ pub struct FakeHs {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     task: tokio::task::JoinHandle<()>,
+    /// Serving HTTPS (`start_tls`).
+    tls: bool,
 }
 
 pub const SERVER: &str = "fake.test";
@@ -77,6 +79,17 @@ impl FakeHs {
 
     /// Starts on a given address (to bring a homeserver "back" where one was down).
     pub async fn start_at(addr: SocketAddr) -> Self {
+        Self::start_with(addr, None).await
+    }
+
+    /// An HTTPS homeserver on 127.0.0.1:0 serving `config`'s certificate.
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Self {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        Self::start_with("127.0.0.1:0".parse().unwrap(), Some(acceptor)).await
+    }
+
+    async fn start_with(addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        let is_tls = tls.is_some();
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
@@ -87,22 +100,31 @@ impl FakeHs {
                     continue;
                 };
                 let st = st.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(serve(st, req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    match tls {
+                        None => serve_connection(stream, st).await,
+                        Some(acceptor) => {
+                            // A client that does not trust us just goes away.
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                serve_connection(s, st).await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        FakeHs { addr, state, task }
+        FakeHs {
+            addr,
+            state,
+            task,
+            tls: is_tls,
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -156,6 +178,19 @@ impl Drop for FakeHs {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+async fn serve_connection<I>(io: I, st: Arc<Mutex<State>>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let st = st.clone();
+        async move { Ok::<_, Infallible>(serve(st, req).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
 }
 
 fn json_response(status: u16, v: Value) -> Response<Full<Bytes>> {

@@ -3,6 +3,7 @@
 
 pub mod fake_hs;
 pub mod redis;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -47,6 +48,10 @@ pub struct ProxyOptions {
     pub log_format: &'static str,
     /// Extra environment variables for the proxy process.
     pub env: Vec<(&'static str, String)>,
+    /// More `upstream:` keys, as YAML lines indented by two spaces (`  ca_file: …\n`).
+    pub upstream_extra: String,
+    /// More `redis:` keys, as YAML lines indented by two spaces.
+    pub redis_extra: String,
 }
 
 impl Default for ProxyOptions {
@@ -61,6 +66,8 @@ impl Default for ProxyOptions {
             admin: "\"127.0.0.1:0\"",
             log_format: "pretty",
             env: Vec::new(),
+            upstream_extra: String::new(),
+            redis_extra: String::new(),
         }
     }
 }
@@ -69,8 +76,10 @@ impl ProxyProcess {
     pub fn start(upstream: &str, redis_url: &str, o: &ProxyOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = format!(
-            "listen: \"127.0.0.1:0\"\nupstream:\n  url: \"{upstream}\"\n  connect_timeout: \"2s\"\n  response_timeout: \"{}\"\nredis:\n  url: \"{redis_url}\"\n  connect_timeout: \"500ms\"\n  response_timeout: \"1s\"\ntokens:\n  access_token_lifetime: \"{}\"\n  refresh_token_lifetime: {}\n  session_lifetime: {}\n  revoke_session_on_reuse: {}\nlog:\n  level: \"debug\"\n  format: \"{}\"\nadmin:\n  listen: {}\n{}",
+            "listen: \"127.0.0.1:0\"\nupstream:\n  url: \"{upstream}\"\n  connect_timeout: \"2s\"\n  response_timeout: \"{}\"\n{}redis:\n  url: \"{redis_url}\"\n  connect_timeout: \"500ms\"\n  response_timeout: \"1s\"\n{}tokens:\n  access_token_lifetime: \"{}\"\n  refresh_token_lifetime: {}\n  session_lifetime: {}\n  revoke_session_on_reuse: {}\nlog:\n  level: \"debug\"\n  format: \"{}\"\nadmin:\n  listen: {}\n{}",
             o.response_timeout,
+            o.upstream_extra,
+            o.redis_extra,
             o.access,
             o.refresh,
             o.session,
@@ -168,6 +177,11 @@ impl ProxyProcess {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The client listener's URL when it serves TLS (`tls:` in `extra`).
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 
     pub fn logs(&self) -> String {

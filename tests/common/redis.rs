@@ -8,6 +8,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     aof: bool,
+    /// TLS port and PEM files (`start_tls`); the Unix socket stays plain for `cli`.
+    tls: Option<(u16, PathBuf, PathBuf)>,
 }
 
 impl RedisServer {
@@ -27,9 +29,52 @@ impl RedisServer {
             dir,
             child: None,
             aof,
+            tls: None,
         };
         r.spawn();
         r
+    }
+
+    /// A throwaway Redis that also listens with TLS on 127.0.0.1 (`rediss_url`), serving the
+    /// PEM certificate and key given (clients are not asked for certificates).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        // A free port (redis-server cannot report the one it picked for --tls-port 0).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = RedisServer {
+            dir,
+            child: None,
+            aof: false,
+            tls: Some((port, cert, key)),
+        };
+        r.spawn();
+        r.wait_for_tls_port();
+        r
+    }
+
+    /// `rediss://127.0.0.1:<port>` of a `start_tls` server.
+    pub fn rediss_url(&self) -> String {
+        let (port, ..) = self.tls.as_ref().expect("started with start_tls");
+        format!("rediss://127.0.0.1:{port}")
+    }
+
+    fn wait_for_tls_port(&self) {
+        let (port, ..) = self.tls.as_ref().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not listen on TLS port {port}");
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -57,6 +102,15 @@ impl RedisServer {
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(self.dir.path().join("redis.log"));
+        if let Some((port, cert, key)) = &self.tls {
+            cmd.arg("--tls-port")
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .args(["--tls-auth-clients", "no"]);
+        }
         if self.aof {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
