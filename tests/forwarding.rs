@@ -352,3 +352,36 @@ async fn upstream_unreachable_is_502_and_timeout_is_504() {
     // The session is untouched by upstream trouble.
     assert_eq!(h.whoami(&at(&v)).await.status, 200);
 }
+
+#[tokio::test]
+async fn forwarded_proto_of_a_trusted_ingress_is_kept() {
+    for (trusted, want) in [(true, "https"), (false, "http")] {
+        let extra = if trusted {
+            "trusted_proxies: [\"127.0.0.1\"]\n"
+        } else {
+            ""
+        };
+        let h = Harness::with(
+            ProxyOptions {
+                extra: extra.into(),
+                ..Default::default()
+            },
+            false,
+        )
+        .await;
+        let r = h
+            .send(
+                Method::GET,
+                "/_matrix/client/versions",
+                &[("x-forwarded-proto", "https")],
+                body(""),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            h.hs.requests()[0].headers["x-forwarded-proto"],
+            want,
+            "trusted={trusted}"
+        );
+    }
+}

@@ -113,6 +113,11 @@ pub enum ClientScheme {
     Https,
 }
 
+/// Whether the TCP peer is in `trusted_proxies` (its `X-Forwarded-*` headers are believed); put
+/// in each request's extensions by [`serve`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrustedPeer(pub bool);
+
 /// The rate limits checked before routing (issue 4): `all` on every request, `login` on
 /// `POST /login` and `POST /register`, and the per-IP half of `refresh` on `POST /refresh` (the
 /// per-session half needs the body: `refresh.rs` checks it before the store is asked). Other
@@ -319,11 +324,13 @@ pub async fn serve(
                     Some(_) => ClientScheme::Https,
                     None => ClientScheme::Http,
                 };
+                let trusted = TrustedPeer(app.trusted_proxies.contains(peer.ip()));
                 let handshake_timeout = app.http.header_read_timeout;
                 let app = app.clone();
                 let act = activity.clone();
                 let svc = service_fn(move |mut req: Request<Incoming>| {
                     req.extensions_mut().insert(scheme);
+                    req.extensions_mut().insert(trusted);
                     let app = app.clone();
                     let in_flight = act.request();
                     async move {

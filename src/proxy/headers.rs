@@ -37,11 +37,18 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
 
 /// Prepares request headers for the homeserver.
 /// - `X-Forwarded-For`: appends the peer, so the homeserver can log and rate-limit real clients.
-/// - `X-Forwarded-Proto`: the scheme the client used (the homeserver builds URLs from it).
+/// - `X-Forwarded-Proto`: the scheme the client used (the homeserver builds URLs from it). From a
+///   peer in `trusted_proxies` (a TLS-terminating ingress) its own `http`/`https` value is kept.
 /// - `X-Forwarded-Host` keeps the client's `Host`, which is replaced by the upstream's own
 ///   authority (the client sets it from the upstream URL) so virtual-hosted homeservers route.
-pub fn prepare_request(h: &mut HeaderMap, peer: IpAddr, proto: &'static str) {
+pub fn prepare_request(h: &mut HeaderMap, peer: IpAddr, proto: &'static str, peer_trusted: bool) {
     remove_hop_by_hop(h);
+    let xfp = HeaderName::from_static("x-forwarded-proto");
+    let proto = match h.get(&xfp).map(HeaderValue::as_bytes) {
+        Some(b"https") if peer_trusted => "https",
+        Some(b"http") if peer_trusted => "http",
+        _ => proto,
+    };
     let xff = HeaderName::from_static("x-forwarded-for");
     let prior: Vec<String> = h
         .get_all(&xff)
@@ -57,10 +64,7 @@ pub fn prepare_request(h: &mut HeaderMap, peer: IpAddr, proto: &'static str) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         h.insert(xff, v);
     }
-    h.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(proto),
-    );
+    h.insert(xfp, HeaderValue::from_static(proto));
     if let Some(host) = h.remove(header::HOST) {
         h.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
@@ -91,7 +95,8 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        prepare_request(&mut h, "10.0.0.1".parse().unwrap(), "http");
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        prepare_request(&mut h, "10.0.0.1".parse().unwrap(), "http", false);
         for gone in [
             "connection",
             "x-secret-hop",
@@ -107,5 +112,24 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "matrix.example.org");
         assert_eq!(h[header::CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn forwarded_proto_from_a_trusted_peer_is_kept() {
+        let peer = "10.0.0.1".parse().unwrap();
+        for (sent, trusted, want) in [
+            (Some("https"), true, "https"),
+            (Some("http"), true, "http"),
+            (Some("https"), false, "http"),
+            (Some("gopher"), true, "http"),
+            (None, true, "http"),
+        ] {
+            let mut h = HeaderMap::new();
+            if let Some(v) = sent {
+                h.insert("x-forwarded-proto", HeaderValue::from_static(v));
+            }
+            prepare_request(&mut h, peer, "http", trusted);
+            assert_eq!(h["x-forwarded-proto"], want, "{sent:?} trusted={trusted}");
+        }
     }
 }

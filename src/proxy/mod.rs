@@ -125,7 +125,11 @@ impl Upstream {
             Some(crate::http::ClientScheme::Https) => "https",
             Some(crate::http::ClientScheme::Http) | None => "http",
         };
-        headers::prepare_request(&mut parts.headers, peer, proto);
+        let trusted = parts
+            .extensions
+            .get::<crate::http::TrustedPeer>()
+            .is_some_and(|t| t.0);
+        headers::prepare_request(&mut parts.headers, peer, proto, trusted);
         parts.uri = self
             .uri(path, query)
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
