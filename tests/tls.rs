@@ -173,6 +173,9 @@ async fn login_refresh_and_request_over_tls() {
     let upstream = h.hs.requests_to("/account/whoami");
     assert_eq!(upstream.len(), 1);
     assert_eq!(upstream[0].headers["x-forwarded-proto"], "https");
+    // HTTP/2 has no Host header: the :authority the client used becomes X-Forwarded-Host.
+    let authority = base.trim_start_matches("https://");
+    assert_eq!(upstream[0].headers["x-forwarded-host"], authority);
     assert!(FakeHs::is_upstream_token(&upstream[0].bearer().unwrap()));
 }
 

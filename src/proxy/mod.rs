@@ -129,6 +129,13 @@ impl Upstream {
             .extensions
             .get::<crate::http::TrustedPeer>()
             .is_some_and(|t| t.0);
+        // HTTP/2 clients name the host in the `:authority` pseudo-header, not in `Host`.
+        if !parts.headers.contains_key(http::header::HOST)
+            && let Some(a) = parts.uri.authority()
+            && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+        {
+            parts.headers.insert(http::header::HOST, v);
+        }
         headers::prepare_request(&mut parts.headers, peer, proto, trusted);
         parts.uri = self
             .uri(path, query)
