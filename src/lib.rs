@@ -118,30 +118,19 @@ pub async fn run(
         move || limits.limits.load_full(),
         HOUSEKEEPING_INTERVAL,
     )));
-    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-    let _reload = match (config_path, hup) {
-        (Some(path), Ok(hup)) => Some(AbortOnDrop(tokio::spawn(lifecycle::reload_on_sighup(
-            app.clone(),
-            path,
-            config.clone(),
-            hup,
-        )))),
-        (Some(_), Err(e)) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; configuration reload disabled");
-            None
-        }
-        (None, _) => None,
-    };
+    // One SIGHUP handler for certificates and configuration, installed before READY=1.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(RunError::Signal)?;
+    let _reload = AbortOnDrop(tokio::spawn(lifecycle::reload_on_sighup(
+        app.clone(),
+        config_path,
+        config.clone(),
+        hup,
+    )));
     let _ready = AbortOnDrop(tokio::spawn(lifecycle::ready_when_store_answers(
         app.clone(),
     )));
     let _watchdog = AbortOnDrop(tokio::spawn(lifecycle::watchdog()));
-    // SIGHUP re-reads the TLS certificate (stopped when `run` returns, the guard drops).
-    #[cfg(unix)]
-    let _tls_reload = match &app.tls {
-        Some(t) => Some(tls::reload_on_hangup(t.clone()).map_err(RunError::Signal)?),
-        None => None,
-    };
     tracing::info!(upstream = %config.upstream.url, "listening on {local}");
     let draining = app.clone();
     let shutdown = async move {

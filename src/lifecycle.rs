@@ -66,27 +66,43 @@ pub async fn watchdog() {
     }
 }
 
-/// Re-reads the configuration file on every SIGHUP and applies what can change live: token
-/// lifetimes (for tokens issued from then on) and rate limits (budgets start afresh). Changes
-/// to other keys are reported as needing a restart. A file that does not parse changes
-/// nothing.
+/// On every SIGHUP: re-reads the TLS certificate (the files it was started with; a failed read
+/// keeps the one in force), and re-reads the configuration file when there is one, applying what
+/// can change live: token lifetimes (for tokens issued from then on) and rate limits (budgets
+/// start afresh). Changes to other keys are reported as needing a restart. A file that does not
+/// parse changes nothing.
+///
 /// The SIGHUP stream is created by the caller before `READY=1` can be sent, so an early
 /// `systemctl reload` cannot kill the process (SIGHUP's default action).
 pub async fn reload_on_sighup(
     app: Arc<App>,
-    path: PathBuf,
+    path: Option<PathBuf>,
     mut running: Config,
     mut hup: tokio::signal::unix::Signal,
 ) {
     while hup.recv().await.is_some() {
         notify(&[NotifyState::Reloading]);
-        match Config::load(&path) {
-            Ok(new) => {
-                apply(&app, &running, &new);
-                running = new;
+        if let Some(tls) = app.tls.clone() {
+            // File reads are small and rare; off the runtime threads all the same.
+            match tokio::task::spawn_blocking(move || tls.reload()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: TLS certificate not reloaded; still serving the previous one"
+                ),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload task failed"),
             }
-            Err(e) => {
-                tracing::error!(error = %e, "configuration reload failed; keeping the running configuration")
+        }
+        if let Some(path) = &path {
+            match Config::load(path) {
+                Ok(new) => {
+                    apply(&app, &running, &new);
+                    running = new;
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "configuration reload failed; keeping the running configuration"
+                ),
             }
         }
         notify(&[NotifyState::Ready]);

@@ -227,29 +227,6 @@ impl ServerTls {
     }
 }
 
-/// Reloads `tls` on every SIGHUP until the returned task is dropped. The handler is installed
-/// before this returns, so a SIGHUP that follows cannot kill the process (its default action).
-/// A failed reload keeps the certificate in force and logs an error.
-#[cfg(unix)]
-pub fn reload_on_hangup(tls: Arc<ServerTls>) -> io::Result<crate::ratelimit::AbortOnDrop> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangups = signal(SignalKind::hangup())?;
-    Ok(crate::ratelimit::AbortOnDrop(tokio::spawn(async move {
-        while hangups.recv().await.is_some() {
-            // File reads are small and rare; off the runtime threads all the same.
-            let t = tls.clone();
-            match tokio::task::spawn_blocking(move || t.reload()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(
-                    error = %e,
-                    "SIGHUP: TLS certificate not reloaded; still serving the previous one"
-                ),
-                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload task failed"),
-            }
-        }
-    })))
-}
-
 /// A client connection, plain or TLS.
 pub enum ClientIo<T> {
     Plain(T),
