@@ -204,15 +204,16 @@ impl ServerTls {
     /// theirs); on failure nothing changes and the error is returned.
     pub fn reload(&self) -> Result<(), TlsError> {
         let (config, fingerprint) = load_server_config(&self.files)?;
+        // Swap first, then log: whoever reads the log line can rely on the new certificate.
+        self.current.store(Arc::new(Loaded {
+            config: Arc::new(config),
+            fingerprint: fingerprint.clone(),
+        }));
         tracing::info!(
             cert_file = %self.files.cert_file.display(),
             sha256 = %fingerprint,
             "TLS certificate reloaded"
         );
-        self.current.store(Arc::new(Loaded {
-            config: Arc::new(config),
-            fingerprint,
-        }));
         Ok(())
     }
 
