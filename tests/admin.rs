@@ -506,14 +506,7 @@ async fn request_id_is_propagated_or_generated() {
     assert_eq!(r.headers["x-request-id"], "error-id");
 
     // The proxy's own whoami call (for a homeserver token on /logout/all) carries it too.
-    let plain = h
-        .post(
-            "/_matrix/client/v3/login",
-            None,
-            json!({"type": "m.login.password", "user": "bot"}),
-        )
-        .await
-        .json();
+    let plain = h.login_plain("bot").await;
     h.hs.clear_requests();
     let auth = format!("Bearer {}", at(&plain));
     let r = h

@@ -14,14 +14,7 @@ async fn redis_outage_gives_503_then_full_service_with_sessions_intact() {
     let v = h.login("alice").await;
     let n = h.refresh(&rt(&v)).await.json();
     assert_eq!(h.whoami(&at(&n)).await.status, 200);
-    let plain = h
-        .post(
-            "/_matrix/client/v3/login",
-            None,
-            json!({"type": "m.login.password", "user": "bot"}),
-        )
-        .await
-        .json();
+    let plain = h.login_plain("bot").await;
 
     h.redis.kill();
 
@@ -92,14 +85,7 @@ async fn no_token_ever_appears_in_the_logs() {
     h.whoami("mrpat_garbage_token_value").await;
     let bad_rt = format!("{}x", rt(&n));
     h.refresh(&bad_rt).await;
-    let plain = h
-        .post(
-            "/_matrix/client/v3/login",
-            None,
-            json!({"type": "m.login.password", "user": "bot"}),
-        )
-        .await
-        .json();
+    let plain = h.login_plain("bot").await;
     secrets.push(at(&plain));
     h.whoami(&at(&plain)).await;
     h.send(

@@ -116,14 +116,7 @@ async fn logout_all_purges_every_session_of_the_user_only() {
 async fn logout_all_with_a_homeserver_token_purges_the_users_proxy_sessions() {
     let h = Harness::start().await;
     let a1 = h.login("alice").await;
-    let plain = h
-        .post(
-            "/_matrix/client/v3/login",
-            None,
-            json!({"type": "m.login.password", "user": "alice"}),
-        )
-        .await
-        .json();
+    let plain = h.login_plain("alice").await;
     let r = h
         .post(
             "/_matrix/client/v3/logout/all",

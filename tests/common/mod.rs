@@ -353,6 +353,20 @@ impl Harness {
         r.json()
     }
 
+    /// Logs `user` in without asking for a refresh token: the homeserver's own token comes back
+    /// untouched (bots, old clients). Returns the response JSON (asserting 200).
+    pub async fn login_plain(&self, user: &str) -> Value {
+        let r = self
+            .post(
+                "/_matrix/client/v3/login",
+                None,
+                json!({"type": "m.login.password", "user": user}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "login failed: {:?}", r.json());
+        r.json()
+    }
+
     pub async fn refresh(&self, rt: &str) -> Reply {
         self.post(
             "/_matrix/client/v3/refresh",
