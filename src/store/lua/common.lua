@@ -10,6 +10,14 @@ local function extend(key, ttl)
   end
 end
 
+-- Whether a refresh token can no longer be used: its idle expiry or its session's absolute end
+-- (both ms, 0 = none) has passed (403 M_FORBIDDEN, as Synapse).
+local function refresh_ended(refresh_exp, session_end, now)
+  refresh_exp = tonumber(refresh_exp)
+  session_end = tonumber(session_end)
+  return (refresh_exp > 0 and now >= refresh_exp) or (session_end > 0 and now >= session_end)
+end
+
 -- Ends the grace of a rotated refresh token (spec "Refreshing access tokens": the old refresh
 -- token is revoked once the new access or refresh token is used). Its id goes into the capped
 -- set of used refresh tokens for reuse detection, and the access token issued with it is kept

@@ -25,9 +25,7 @@ if r[1] == 'rotated' then
   return {'grace', r[4], r[5]}
 end
 local now = tonumber(ARGV[1])
-local exp = tonumber(r[3])
-local send = tonumber(s[3])
-if (exp > 0 and now >= exp) or (send > 0 and now >= send) then
+if refresh_ended(r[3], s[3], now) then
   return {'expired'}
 end
 return {'live', r[2], s[1], s[2], s[3]}

@@ -15,9 +15,7 @@ if r[1] == 'rotated' then
   return {'grace', r[4], r[5]}
 end
 local now = tonumber(ARGV[1])
-local exp = tonumber(r[2])
-local send = tonumber(s[2])
-if (exp > 0 and now >= exp) or (send > 0 and now >= send) then
+if refresh_ended(r[2], s[2], now) then
   return {'expired'}
 end
 redis.call('HSET', KEYS[5], 'ut', ARGV[5], 'exp', ARGV[6], 'used', '0', 'prev', ARGV[2])
