@@ -145,6 +145,11 @@ impl<B: SharedLimiter, C: Clock + Clone> RateLimits<B, C> {
             || self.refresh_session.is_some()
     }
 
+    /// Whether the `all` limit is configured (else most requests need no check at all).
+    pub fn limits_every_request(&self) -> bool {
+        self.all.is_some()
+    }
+
     /// Every request, by client IP.
     pub async fn check_all(&self, client: IpAddr) -> Result<(), Limited> {
         let key = ip_key(client);
