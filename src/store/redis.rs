@@ -7,7 +7,7 @@
 //!
 //! | key | type | fields / members | TTL |
 //! |---|---|---|---|
-//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms | longest of its records |
+//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms, `lr` last refresh ms (0 none yet), `aexp` current access expiry ms, `rexp` current refresh idle expiry ms (0 none) | longest of its records |
 //! | `mrp:{T}:a:<id>` | hash | `ut` sealed upstream token, `exp` expiry ms, `used` 0/1, `prev` predecessor refresh id | as the session; superseded: expiry + 1 h |
 //! | `mrp:{T}:r:<id>` | hash | `st` live/rotated, `ut` sealed upstream token (live only), `exp` idle expiry ms (0 none), `at` paired access id, `prev` predecessor refresh id, `next` sealed successor pair and `natexp` its access expiry (rotated only) | idle expiry + 24 h |
 //! | `mrp:{T}:k` | zset | names of the session's token keys, scored by their expiry | as the session |
