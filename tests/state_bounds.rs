@@ -130,5 +130,10 @@ async fn session_state_does_not_grow_with_refreshes() {
     assert_eq!(r.status, 401);
     assert_unknown_token(&h.whoami(&old_at[999]).await, false);
     assert_unknown_token(&h.whoami(&old_at[990]).await, false);
-    assert!(h.redis.cli(&["--scan", "--pattern", "mrp:{*"]).trim().is_empty());
+    assert!(
+        h.redis
+            .cli(&["--scan", "--pattern", "mrp:{*"])
+            .trim()
+            .is_empty()
+    );
 }
