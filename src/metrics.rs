@@ -191,6 +191,8 @@ pub enum UpstreamCall {
     Whoami,
     /// `GET /_matrix/client/versions` for `/health/ready`.
     Readiness,
+    /// `POST /logout` of a device whose login could not be stored (it would be orphaned).
+    OrphanLogout,
 }
 
 impl UpstreamCall {
@@ -203,6 +205,7 @@ impl UpstreamCall {
             UpstreamCall::Route(name) => name,
             UpstreamCall::Whoami => "whoami",
             UpstreamCall::Readiness => "readiness",
+            UpstreamCall::OrphanLogout => "orphan_logout",
         }
     }
 }

@@ -57,29 +57,35 @@ async fn header_token_is_swapped_for_the_upstream_token_and_nothing_else_changes
     assert_eq!(seen.json(), json!({"msgtype": "m.text", "body": "hi"}));
 }
 
+/// Issue 9.6: a proxy token in `?access_token=` goes upstream as `Authorization: Bearer`, and the
+/// parameter is removed (long-lived upstream tokens must not land in URL logs).
 #[tokio::test]
-async fn query_token_is_rewritten_in_place() {
+async fn query_token_goes_upstream_in_the_authorization_header() {
     let h = Harness::start().await;
     let v = h.login("alice").await;
     h.hs.clear_requests();
-    let r = h
-        .get(
-            &format!(
-                "/_matrix/client/v3/sync?since=s%2F1&access_token={}&timeout=0",
-                at(&v)
-            ),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 200);
-    let seen = &h.hs.requests()[0];
-    let q = seen.query.as_deref().unwrap();
-    assert!(q.starts_with("since=s%2F1&access_token=syt_fake_"), "{q}");
-    assert!(q.ends_with("&timeout=0"), "{q}");
-    assert!(
-        seen.headers.get("authorization").is_none(),
-        "never both forms upstream"
-    );
+    let token = at(&v);
+    for query in [
+        format!("since=s%2F1&access_token={token}&timeout=0"),
+        format!("access_token={token}"),
+        format!("access_token={token}&a=b%26c"),
+    ] {
+        let r = h
+            .get(&format!("/_matrix/client/v3/sync?{query}"), None)
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let seen = h.hs.requests();
+    assert_eq!(seen.len(), 3);
+    let wants = [Some("since=s%2F1&timeout=0"), None, Some("a=b%26c")];
+    for (s, want) in seen.iter().zip(wants) {
+        assert_eq!(s.query.as_deref(), want);
+        assert!(!s.query.as_deref().unwrap_or("").contains("access_token"));
+        assert_eq!(s.headers.get_all("authorization").iter().count(), 1);
+        let ut = s.bearer().expect("Authorization: Bearer upstream");
+        assert!(FakeHs::is_upstream_token(&ut), "{}", s.path);
+        assert!(h.hs.is_live(&ut));
+    }
 }
 
 #[tokio::test]

@@ -120,7 +120,7 @@ async fn a_limited_refresh_consumes_nothing_and_the_token_works_afterwards() {
     let before = h.redis.dump();
     let r = h.refresh(&rt(&n2)).await;
     let ms = assert_limited(&r, 1000);
-    // A grace replay of the previous token is limited the same way (the limit comes first).
+    // A grace replay of the previous token (genuine: its record opens) is limited the same way.
     assert_limited(&h.refresh(&rt(&n1)).await, 1000);
     assert_eq!(h.redis.dump(), before, "a 429 changed the session store");
     // The access token keeps working meanwhile.

@@ -97,15 +97,16 @@ pub async fn handle(
                 }
                 Ok(Authenticated::Rejected) => return Err(unknown("Unrecognised access token")),
             };
-            if matches!(presented, Presented::Header(_)) {
-                if !credentials::set_bearer(&mut parts.headers, &auth.upstream_token) {
-                    return Err(ApiError::UpstreamInvalid);
-                }
-            } else {
-                let ut = auth.upstream_token.clone();
+            // Upstream the token always travels in the header, also when the client used
+            // `?access_token=`: long-lived upstream tokens must not land in URL logs (issue 9.6).
+            if !credentials::set_bearer(&mut parts.headers, &auth.upstream_token) {
+                return Err(ApiError::UpstreamInvalid);
+            }
+            if matches!(presented, Presented::Query(_)) {
                 query_out = query
                     .as_deref()
-                    .map(|q| credentials::rewrite_query(q, |_| Some(ut.clone())));
+                    .map(|q| credentials::rewrite_query(q, |_| None))
+                    .filter(|q| !q.is_empty());
             }
             session = Some(auth);
         }
