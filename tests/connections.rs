@@ -34,7 +34,10 @@ fn split_body(s: String) -> TestBody {
         let (a, rest) = (a.clone(), rest.clone());
         async move {
             match i {
-                0 => Some((Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(a)), 1)),
+                0 => Some((
+                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(a)),
+                    1,
+                )),
                 1 => {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                     Some((Ok(hyper::body::Frame::data(rest)), 2))
@@ -114,21 +117,31 @@ async fn over_limit_logins_on_keepalive_connections_all_get_their_429() {
         }
     }
     let errors = transport_errors.load(Ordering::Relaxed);
-    assert_eq!(errors, 0, "{errors} transport errors, first: {first_error:?}");
+    assert_eq!(
+        errors, 0,
+        "{errors} transport errors, first: {first_error:?}"
+    );
     // The first login of the burst may pass; everything else is limited.
     assert!(limited.load(Ordering::Relaxed) >= 899);
 }
 
 /// Sends `head` then, after `delay`, `rest`, and then `next` on the same connection; returns
 /// everything read until the peer closes or 5 s pass.
-fn exchange(addr: std::net::SocketAddr, head: &[u8], delay: Duration, rest: &[u8], next: &[u8]) -> String {
+fn exchange(
+    addr: std::net::SocketAddr,
+    head: &[u8],
+    delay: Duration,
+    rest: &[u8],
+    next: &[u8],
+) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(head).unwrap();
     std::thread::sleep(delay);
     let _ = s.write_all(rest);
     std::thread::sleep(Duration::from_millis(100));
     let _ = s.write_all(next);
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -136,7 +149,12 @@ fn exchange(addr: std::net::SocketAddr, head: &[u8], delay: Duration, rest: &[u8
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 if String::from_utf8_lossy(&out).matches("HTTP/1.1 ").count() >= 2 {
                     break;
                 }
@@ -153,16 +171,26 @@ fn exchange(addr: std::net::SocketAddr, head: &[u8], delay: Duration, rest: &[u8
 async fn a_late_body_after_a_429_never_breaks_the_connection_silently() {
     let h = harness("rate_limit:\n  login: {per_second: 0.001, burst: 1}").await;
     // Spends the burst of one.
-    h.post(LOGIN, None, json!({"type": "m.login.password"})).await;
+    h.post(LOGIN, None, json!({"type": "m.login.password"}))
+        .await;
     let addr = h.proxy.addr;
-    let body = format!("{{\"type\":\"m.login.password\",\"password\":\"{}\"}}", "x".repeat(30_000));
+    let body = format!(
+        "{{\"type\":\"m.login.password\",\"password\":\"{}\"}}",
+        "x".repeat(30_000)
+    );
     let head = format!(
         "POST {LOGIN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     let next = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n";
     let out = tokio::task::spawn_blocking(move || {
-        exchange(addr, head.as_bytes(), Duration::from_millis(200), body.as_bytes(), next)
+        exchange(
+            addr,
+            head.as_bytes(),
+            Duration::from_millis(200),
+            body.as_bytes(),
+            next,
+        )
     })
     .await
     .unwrap();
@@ -173,4 +201,78 @@ async fn a_late_body_after_a_429_never_breaks_the_connection_silently() {
         answered_next || first.contains("connection: close"),
         "the connection closed after the 429 without saying so:\n{out}"
     );
+}
+
+/// The head of `POST /refresh` with `Content-Length: 100` and no body: answered 408 within the
+/// body timeout, with `Connection: close`, and the connection is freed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_refresh_body_gets_408_within_the_timeout() {
+    let h = harness("http:\n  body_read_timeout: \"1s\"").await;
+    let addr = h.proxy.addr;
+    let (out, took, closed) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST {REFRESH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"refresh"
+        )
+        .unwrap();
+        let started = Instant::now();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) => break false,
+            }
+        };
+        (String::from_utf8_lossy(&out).into_owned(), started.elapsed(), closed)
+    })
+    .await
+    .unwrap();
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
+    assert!(out.contains("M_UNKNOWN"), "{out}");
+    assert!(closed, "the connection stayed open");
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // Others are served meanwhile and after.
+    assert_eq!(h.get("/_matrix/client/versions", None).await.status, 200);
+}
+
+/// A streamed upload that stalls longer than the body timeout is cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_streamed_upload_is_cut() {
+    let h = harness("http:\n  body_read_timeout: \"1s\"").await;
+    let addr = h.proxy.addr;
+    let (out, took) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n{}",
+            "a".repeat(1000)
+        )
+        .unwrap();
+        let started = Instant::now();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        (String::from_utf8_lossy(&out).into_owned(), started.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 408"), "{out}");
 }
