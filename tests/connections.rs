@@ -276,3 +276,44 @@ async fn a_stalled_streamed_upload_is_cut() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert!(out.is_empty() || out.starts_with("HTTP/1.1 408"), "{out}");
 }
+
+/// Whether the proxy answers a request on `s` (false: it closed the connection).
+fn answers(s: &mut TcpStream) -> bool {
+    if s.write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"HTTP/1.1 200"))
+}
+
+/// `http.max_connections_per_ip: 3`: a 4th connection from 127.0.0.1 is refused while 3 are
+/// held, and accepted again once one closes; the refusal is counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_per_ip_are_capped() {
+    let h = harness("http:\n  max_connections_per_ip: 3").await;
+    let addr = h.proxy.addr;
+    let metrics = tokio::task::spawn_blocking(move || {
+        let mut held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        for s in &mut held {
+            assert!(answers(s), "a connection within the cap was refused");
+        }
+        let mut extra = TcpStream::connect(addr).unwrap();
+        assert!(!answers(&mut extra), "the 4th connection was served");
+        drop(held.pop());
+        std::thread::sleep(Duration::from_millis(200));
+        let mut again = TcpStream::connect(addr).unwrap();
+        assert!(answers(&mut again), "refused after one connection closed");
+        drop(held);
+    })
+    .await;
+    metrics.unwrap();
+    let m = h.metrics().await;
+    assert!(
+        m.contains("mrp_connections_rejected_total{reason=\"per_ip\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("mrp_connection_tracked_ips "), "{m}");
+}

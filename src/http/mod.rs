@@ -359,6 +359,10 @@ pub async fn serve(
     // rest.
     let slots = Arc::new(Semaphore::new(app.http.max_connections));
     let idle_timeout = app.http.idle_timeout;
+    let per_ip = app
+        .http
+        .max_connections_per_ip
+        .map(|cap| conn::PerIp::new(cap, app.metrics.clone()));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -378,6 +382,17 @@ pub async fn serve(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                };
+                // One host cannot hold every slot: past its cap the connection is closed at once.
+                let ip_slot = match &per_ip {
+                    Some(p) => match p.acquire(peer.ip()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            tracing::debug!(peer = %peer.ip(), "connection refused: http.max_connections_per_ip");
+                            continue;
+                        }
+                    },
+                    None => None,
                 };
                 let _ = stream.set_nodelay(true);
                 let activity = conn::Activity::new();
@@ -407,6 +422,7 @@ pub async fn serve(
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let _permit = permit;
+                    let _ip_slot = ip_slot;
                     // TLS: the handshake, bounded like a request head (the slot is held).
                     let Some(io) = crate::tls::accept(acceptor, io, handshake_timeout, peer).await
                     else {
