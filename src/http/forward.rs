@@ -89,7 +89,7 @@ pub async fn handle(
                 Ok(Authenticated::Valid(a)) => a,
                 // /logout with an expired token still logs the session out (DESIGN.md §2).
                 Ok(Authenticated::Expired(a)) if route == Route::Logout => a,
-                Ok(Authenticated::Expired(_)) => {
+                Ok(Authenticated::Expired(_) | Authenticated::Superseded) => {
                     return Err(ApiError::UnknownToken {
                         soft_logout: true,
                         message: "Access token has expired",
