@@ -187,8 +187,11 @@ fn route(method: &Method, path: &str) -> Result<Call, ApiError> {
             }
         }
         ["sessions", sid] => {
-            let sid =
-                SessionId::from_tag(sid).ok_or(ApiError::InvalidParam("Malformed session id"))?;
+            let sid = percent_encoding::percent_decode_str(sid)
+                .decode_utf8()
+                .ok()
+                .and_then(|t| SessionId::from_tag(&t))
+                .ok_or(ApiError::InvalidParam("Malformed session id"))?;
             Some(Call::RevokeSession(sid)).filter(|_| method == Method::DELETE)
         }
         _ => return Err(ApiError::NotFound("Unknown admin API path")),
@@ -395,6 +398,13 @@ mod tests {
         );
         assert_eq!(
             route(&Method::DELETE, &format!("/admin/v1/sessions/{tag}")),
+            Ok(Call::RevokeSession(sid))
+        );
+        // Percent-encoded (as the CLI sends it), `-` and `_` included.
+        let encoded =
+            percent_encoding::utf8_percent_encode(&tag, percent_encoding::NON_ALPHANUMERIC);
+        assert_eq!(
+            route(&Method::DELETE, &format!("/admin/v1/sessions/{encoded}")),
             Ok(Call::RevokeSession(sid))
         );
         assert_eq!(route(&Method::GET, "/admin/v1/stats"), Ok(Call::Stats));

@@ -92,6 +92,9 @@ tests/deploy.rs applies the same rule before parsing values.yaml with the proxy'
 {{- $c := deepCopy .Values.config }}
 {{- $_ := required "config.upstream.url is required: the homeserver's Service URL, e.g. http://conduit:6167" $c.upstream.url }}
 {{- $nullable := dict "tokens" (list "refresh_token_lifetime" "session_lifetime") "rate_limit" (list "login" "refresh" "all") "admin" (list "listen") }}
+{{- if and .Values.adminApi .Values.adminApi.existingSecret (kindIs "map" $c.admin) }}
+{{- $_ := set $c.admin "token_file" "/etc/matrix-refresh-proxy-admin/token" }}
+{{- end }}
 {{- range $section, $keys := $nullable }}
 {{- $s := get $c $section }}
 {{- if kindIs "map" $s }}
