@@ -278,6 +278,25 @@ async fn stats() {
     assert_eq!(v["refreshes_last_minute"], 1, "{v}");
     let m = h.metrics().await;
     assert!(m.contains("mrp_sessions_alive 2"), "{m}");
+
+    // The times the store records: refreshed once, both expiries in the future.
+    let r = admin(h, Method::GET, "/admin/v1/users/@frank:fake.test/sessions").await;
+    let list = sessions(&r);
+    let s = &list[0];
+    let created = s["created_at"].as_u64().unwrap();
+    let refreshed = s["last_refresh_at"]
+        .as_u64()
+        .expect("last_refresh_at after a refresh");
+    assert!(refreshed >= created, "{s}");
+    assert!(s["access_expires_at"].as_u64().unwrap() > refreshed, "{s}");
+    assert!(s["refresh_expires_at"].as_u64().unwrap() > refreshed, "{s}");
+    let r = admin(h, Method::GET, "/admin/v1/users/@grace:fake.test/sessions").await;
+    let list = sessions(&r);
+    assert!(
+        list[0]["last_refresh_at"].is_null(),
+        "never refreshed: {list:?}"
+    );
+    assert!(list[0]["access_expires_at"].as_u64().is_some(), "{list:?}");
 }
 
 #[tokio::test]

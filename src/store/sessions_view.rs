@@ -54,7 +54,8 @@ impl RedisStore {
                 let user_id = it.next().flatten()?;
                 let device_id = it.next().flatten().unwrap_or_default();
                 let created_at = millis(it.next().flatten());
-                let last_refresh_at = millis(it.next().flatten());
+                // `lr` 0 = not refreshed yet.
+                let last_refresh_at = millis(it.next().flatten()).filter(|&t| t > 0);
                 let access_expires_at = millis(it.next().flatten());
                 let refresh_expires_at = millis(it.next().flatten()).filter(|&t| t > 0);
                 Some(SessionView {
