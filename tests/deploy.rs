@@ -373,8 +373,10 @@ fn systemd_unit_notifies_checks_the_config_first_and_outlasts_the_drain() {
 
     // The unit runs the repository's config.yaml (its install instructions copy it to the
     // --config path): systemd must wait longer than that file's drain before SIGKILL.
+    // (The install steps live in deploy/systemd/README.md, and in the README's quick start.)
+    let install = read("deploy/systemd/README.md");
     assert!(
-        unit.contains(&format!(
+        install.contains(&format!(
             "install -Dm644 config.yaml {}",
             config_arg(&start)
         )),
@@ -789,4 +791,44 @@ fn helm_ci_value_sets_pass_the_parser() {
         n += 1;
     }
     assert!(n >= 6, "{n} value sets");
+}
+
+#[test]
+fn kubernetes_homeserver_container_is_restricted_compatible() {
+    let objects = kube_objects();
+    let pod = pod_spec(&objects);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let containers = pod["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .chain(pod["initContainers"].as_sequence().unwrap());
+    for c in containers {
+        let name = c["name"].as_str().unwrap();
+        let sc = &c["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true, "{name}: runAsNonRoot");
+        assert!(
+            sc["runAsUser"].as_u64().is_some_and(|u| u > 0),
+            "{name}: numeric non-root uid"
+        );
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+        assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{name}");
+    }
+}
+
+#[test]
+fn kubernetes_readme_says_edit_first_before_apply() {
+    let readme = read("deploy/kubernetes/README.md");
+    let edit = readme.find("Edit first").expect("an 'Edit first' section");
+    let apply = readme
+        .find("kubectl apply -f deploy/kubernetes/\n")
+        .expect("the apply command");
+    assert!(
+        edit < apply,
+        "'Edit first' must come before the apply commands"
+    );
+    assert!(readme[edit..apply].contains("CONDUIT_SERVER_NAME"));
 }
