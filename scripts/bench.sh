@@ -1,63 +1,263 @@
 #!/usr/bin/env bash
-# Throughput and latency of the proxy's hot path, run by hand (never in CI):
-#   scripts/bench.sh [seconds] [connections]
-# Starts a private redis-server (unix socket), the bench upstream (examples/bench_upstream.rs)
-# and the release proxy, then drives them with wrk:
-#   1. upstream directly (baseline)
-#   2. through the proxy, anonymous request (routing + forwarding only)
-#   3. through the proxy with a proxy access token (Redis lookup + decrypt + rewrite)
-#   4. /refresh grace replays (Redis script + AEAD open)
+# The proxy side by side with nginx, run by hand (never in CI), loopback only, ~3 minutes:
+#   scripts/bench.sh [seconds per run, default 5] [rounds, default 3] [connections, default 64]
+#
+# Installs wrk and nginx with apt when missing, builds the release proxy, then starts its own
+#   - redis-server on a unix socket (never the machine's 6379),
+#   - nginx with one worker as the fixed-answer upstream (`return 200`, fresh tokens on /login)
+#     and, on another port, as a plain keep-alive reverse proxy in front of it (the baseline),
+#   - the proxy in front of the same upstream, rate limits on with budgets above the load, log
+#     level info (one line per request, to /dev/null), admin listener on,
+#   - a second proxy with the default rate limits (for the 429 run).
+# wrk runs on CPU 0, every server on CPU 1 (TOKIO_WORKER_THREADS=1, nginx worker_processes 1).
+# Each throughput case runs `rounds` times, interleaved with the others; medians are printed
+# with the ratio to nginx. Latency: p50/p99 at a fixed offered rate of 50 % of nginx's median
+# rate. wrk2 is not packaged in Debian, so the fixed rate is wrk with a per-connection Lua
+# delay() (N connections x one request per D ms; closed loop, so unlike wrk2 it does not
+# correct coordinated omission; the achieved rate is printed). Other work on the machine makes
+# absolute numbers noisy: compare the ratios within one run.
 set -euo pipefail
-secs="${1:-10}"
-conns="${2:-64}"
+secs="${1:-5}"
+rounds="${2:-3}"
+conns="${3:-64}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-for tool in wrk redis-server curl; do
-    command -v "$tool" >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk redis-server curl >/dev/null; break; }
+
+need=()
+for tool in wrk nginx redis-server curl python3 taskset; do
+    command -v "$tool" >/dev/null || need+=("$tool")
 done
-cargo build --release --quiet --bin matrix-refresh-proxy --example bench_upstream
+if ((${#need[@]})); then
+    pkgs=()
+    for t in "${need[@]}"; do
+        case "$t" in
+            nginx) pkgs+=(nginx-light) ;;
+            taskset) pkgs+=(util-linux) ;;
+            *) pkgs+=("$t") ;;
+        esac
+    done
+    sudo=""
+    [[ $(id -u) == 0 ]] || sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+nginx_bin="$(command -v nginx || echo /usr/sbin/nginx)"
+cargo build --release --quiet --bin matrix-refresh-proxy
+
+if (($(nproc) >= 2)); then
+    load="taskset -c 0"
+    serve="taskset -c 1"
+else
+    load=""
+    serve=""
+fi
+export TOKIO_WORKER_THREADS=1
+
 tmp="$(mktemp -d)"
+chmod 755 "$tmp"
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"; }
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$tmp"
+}
 trap cleanup EXIT
 
-redis-server --port 0 --unixsocket "$tmp/redis.sock" --save "" --appendonly no --daemonize no >/dev/null &
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up_port=$(free_port)
+ngx_port=$(free_port)
+proxy_port=$(free_port)
+admin_port=$(free_port)
+def_port=$(free_port)
+
+$serve redis-server --port 0 --unixsocket "$tmp/redis.sock" --save "" --appendonly no \
+    --daemonize no >/dev/null &
 pids+=($!)
-target/release/examples/bench_upstream 127.0.0.1:18008 2>/dev/null &
+
+mkdir -p "$tmp/nginx"
+cat >"$tmp/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $tmp/nginx.pid;
+error_log $tmp/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $tmp/nginx/body;
+    proxy_temp_path $tmp/nginx/proxy;
+    fastcgi_temp_path $tmp/nginx/fastcgi;
+    uwsgi_temp_path $tmp/nginx/uwsgi;
+    scgi_temp_path $tmp/nginx/scgi;
+    keepalive_requests 100000000;
+    # The fixed-answer upstream (stands in for the homeserver).
+    server {
+        listen 127.0.0.1:$up_port;
+        default_type application/json;
+        location / { return 200 '{"user_id":"@bench:bench","device_id":"DEV"}'; }
+        location ~ /login\$ {
+            return 200 '{"user_id":"@bench:bench","device_id":"D\$request_id","access_token":"syt_\$request_id"}';
+        }
+    }
+    # The baseline: nginx as a plain keep-alive reverse proxy.
+    upstream hs { server 127.0.0.1:$up_port; keepalive 128; }
+    server {
+        listen 127.0.0.1:$ngx_port;
+        location / {
+            proxy_pass http://hs;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+        }
+    }
+}
+NGINX
+$serve "$nginx_bin" -c "$tmp/nginx.conf" -p "$tmp/nginx" 2>>"$tmp/nginx/stderr.log" &
 pids+=($!)
-cat >"$tmp/config.yaml" <<YAML
-listen: "127.0.0.1:18080"
-upstream: { url: "http://127.0.0.1:18008" }
+
+proxy_config() { # $1 listen port, $2 admin port or null, $3 rate_limit block
+    cat <<YAML
+listen: "127.0.0.1:$1"
+upstream: { url: "http://127.0.0.1:$up_port" }
 redis: { url: "redis+unix://$tmp/redis.sock" }
 tokens: { access_token_lifetime: "1h" }
-log: { level: "warn" }
-# Measures the proxy's own work: the per-IP limits would turn the refresh run into 429s.
-rate_limit: { enabled: false }
-admin: { listen: null }
+log: { level: "info" }
+admin: { listen: $2 }
+$3
 YAML
-target/release/matrix-refresh-proxy --config "$tmp/config.yaml" 2>"$tmp/proxy.log" &
+}
+# Limits on, as a user runs them, with budgets far above what one load generator can send.
+proxy_config "$proxy_port" "\"127.0.0.1:$admin_port\"" \
+    'rate_limit: { enabled: true, login: { per_second: 1000000, burst: 1000000 }, refresh: { per_second: 1000000, burst: 1000000 } }' \
+    >"$tmp/proxy.yaml"
+proxy_config "$def_port" null "" >"$tmp/defaults.yaml"
+$serve target/release/matrix-refresh-proxy --config "$tmp/proxy.yaml" 2>/dev/null &
+proxy_pid=$!
+pids+=($proxy_pid)
+$serve target/release/matrix-refresh-proxy --config "$tmp/defaults.yaml" 2>/dev/null &
 pids+=($!)
-for _ in $(seq 50); do curl -fs http://127.0.0.1:18080/_matrix/client/versions >/dev/null 2>&1 && break; sleep 0.1; done
 
-login=$(curl -fs -X POST http://127.0.0.1:18080/_matrix/client/v3/login \
-    -d '{"type":"m.login.password","user":"b","password":"p","refresh_token":true}')
-at=$(printf '%s' "$login" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
-rt=$(printf '%s' "$login" | python3 -c 'import json,sys; print(json.load(sys.stdin)["refresh_token"])')
-# One refresh so the old RT sits in its grace window: replays are the idempotent path.
-curl -fs -X POST http://127.0.0.1:18080/_matrix/client/v3/refresh -d "{\"refresh_token\":\"$rt\"}" >/dev/null
-cat >"$tmp/refresh.lua" <<LUA
+for port in "$ngx_port" "$proxy_port" "$def_port"; do
+    for _ in $(seq 100); do
+        curl -fs "http://127.0.0.1:$port/_matrix/client/versions" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    curl -fs "http://127.0.0.1:$port/_matrix/client/versions" >/dev/null
+done
+rss() { awk '/VmRSS/ {printf "%.1f MB", $2/1024}' "/proc/$1/status"; }
+rss_idle=$(rss "$proxy_pid")
+
+login_body='{"type":"m.login.password","identifier":{"type":"m.id.user","user":"bench"},"password":"p","refresh_token":true}'
+at=$(curl -fs -X POST "http://127.0.0.1:$proxy_port/_matrix/client/v3/login" -d "$login_body" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+curl -fs -H "Authorization: Bearer $at" "http://127.0.0.1:$proxy_port/_matrix/client/v3/account/whoami" >/dev/null
+
+# /login wrapping: every request mints a new session (the upstream answers a fresh token).
+cat >"$tmp/login.lua" <<LUA
 wrk.method = "POST"
-wrk.body = '{"refresh_token":"$rt"}'
+wrk.body = '$login_body'
 wrk.headers["Content-Type"] = "application/json"
 LUA
+# /refresh with fresh tokens: each connection logs in once, then spends every refresh token
+# exactly once (the next request uses the one the last answer returned), as a client does.
+cat >"$tmp/refresh.lua" <<LUA
+local pool = {}
+logins = 0
+local hdr = { ["Content-Type"] = "application/json" }
+request = function()
+    local rt = table.remove(pool)
+    if rt then
+        return wrk.format("POST", "/_matrix/client/v3/refresh", hdr, '{"refresh_token":"' .. rt .. '"}')
+    end
+    logins = logins + 1
+    return wrk.format("POST", "/_matrix/client/v3/login", hdr, '$login_body')
+end
+response = function(status, headers, body)
+    local rt = body:match('"refresh_token"%s*:%s*"([^"]+)"')
+    if rt then pool[#pool + 1] = rt end
+end
+LUA
+# Fixed offered rate: one request per DELAY_MS per connection.
+cat >"$tmp/rate.lua" <<'LUA'
+local auth = os.getenv("BENCH_AUTH")
+if auth and auth ~= "" then wrk.headers["Authorization"] = auth end
+local d = tonumber(os.getenv("DELAY_MS"))
+delay = function() return d end
+LUA
 
+results="$tmp/results"
+: >"$results"
+# run CASE ARGS...: one wrk run; appends "case rps p50_ms p99_ms non2xx" to $results.
 run() {
-    echo "== $1"
+    local name="$1"
     shift
-    wrk -t2 -c"$conns" -d"${secs}s" --latency "$@" | grep -E "Requests/sec|50%|99%|Non-2xx|Socket errors"
+    $load wrk -t1 "$@" --latency 2>&1 | python3 -c '
+import re, sys
+name = sys.argv[1]
+text = sys.stdin.read()
+def ms(v):
+    n, u = re.match(r"([\d.]+)(\w+)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[u]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p50 = ms(re.search(r"\s50%\s+(\S+)", text).group(1))
+p99 = ms(re.search(r"\s99%\s+(\S+)", text).group(1))
+m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+bad = int(m.group(1)) if m else 0
+m = re.search(r"Socket errors: (.*)", text)
+if m: bad += sum(int(x) for x in re.findall(r"\d+", m.group(1)))
+print(name, rps, p50, p99, bad)
+' "$name" >>"$results"
 }
-run "upstream directly" http://127.0.0.1:18008/_matrix/client/v3/account/whoami
-run "proxy, anonymous" http://127.0.0.1:18080/_matrix/client/v3/account/whoami
-run "proxy, access token" -H "Authorization: Bearer $at" http://127.0.0.1:18080/_matrix/client/v3/account/whoami
-run "proxy, /refresh grace replay" -s "$tmp/refresh.lua" http://127.0.0.1:18080/_matrix/client/v3/refresh
-echo "proxy RSS: $(grep VmRSS /proc/"${pids[2]}"/status)"
+
+ngx="http://127.0.0.1:$ngx_port/_matrix/client/v3"
+prx="http://127.0.0.1:$proxy_port/_matrix/client/v3"
+echo "throughput: $rounds rounds x 6 cases x ${secs}s, $conns connections (wrk on CPU 0, servers on CPU 1)" >&2
+for r in $(seq "$rounds"); do
+    run nginx -c"$conns" -d"${secs}s" "$ngx/account/whoami"
+    run proxy_access_token -c"$conns" -d"${secs}s" -H "Authorization: Bearer $at" "$prx/account/whoami"
+    run hs_token_passthrough -c"$conns" -d"${secs}s" -H "Authorization: Bearer syt_bench_homeserver_token" "$prx/account/whoami"
+    run anonymous_passthrough -c"$conns" -d"${secs}s" "$prx/account/whoami"
+    run refresh_fresh_tokens -c"$conns" -d"${secs}s" -s "$tmp/refresh.lua" "$prx/refresh"
+    run login_wrapping -c"$conns" -d"${secs}s" -s "$tmp/login.lua" "$prx/login"
+    echo "  round $r/$rounds done" >&2
+done
+
+# Latency at 50 % of nginx's median maximum rate, same offered rate for every target.
+nginx_max=$(awk '$1=="nginx" {print $2}' "$results" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+delay_ms=2
+lat_conns=$(python3 -c "print(max(1, round($nginx_max * 0.5 * $delay_ms / 1000)))")
+echo "latency: offered $(python3 -c "print(round($lat_conns*1000/$delay_ms))") req/s ($lat_conns connections x 1 per ${delay_ms} ms), 10s each" >&2
+for r in 1 2; do
+    DELAY_MS=$delay_ms BENCH_AUTH="" run lat_nginx -c"$lat_conns" -d10s -s "$tmp/rate.lua" "$ngx/account/whoami"
+    DELAY_MS=$delay_ms BENCH_AUTH="Bearer $at" run lat_proxy_access_token -c"$lat_conns" -d10s -s "$tmp/rate.lua" "$prx/account/whoami"
+done
+
+# Default rate limits (login 0.5/s burst 10 per IP, refresh 10/s burst 100 per IP and session).
+dfl="http://127.0.0.1:$def_port/_matrix/client/v3"
+run defaults_refresh -c"$conns" -d"${secs}s" -s "$tmp/refresh.lua" "$dfl/refresh"
+run defaults_login -c"$conns" -d"${secs}s" -s "$tmp/login.lua" "$dfl/login"
+rss_after=$(rss "$proxy_pid")
+
+python3 - "$results" "$rss_idle" "$rss_after" "$(nginx -v 2>&1 | sed 's/.*\///')" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, rps, p50, p99, bad = line.split()
+    rows.setdefault(name, []).append((float(rps), float(p50), float(p99), int(bad)))
+med = lambda name, i: statistics.median(r[i] for r in rows[name])
+base = med("nginx", 0)
+print(f"{'case (GET /account/whoami unless named)':42} {'req/s':>9} {'x nginx':>8} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}")
+for name in ["nginx", "proxy_access_token", "hs_token_passthrough", "anonymous_passthrough",
+             "refresh_fresh_tokens", "login_wrapping"]:
+    bad = sum(r[3] for r in rows[name])
+    print(f"{name:42} {med(name,0):9.0f} {med(name,0)/base:8.2f} {med(name,1):7.2f} {med(name,2):7.2f} {bad:8}")
+print()
+print("fixed rate (50 % of nginx max), median of 2:")
+for name in ["lat_nginx", "lat_proxy_access_token"]:
+    print(f"  {name[4:]:40} achieved {med(name,0):7.0f} req/s  p50 {med(name,1):.3f} ms  p99 {med(name,2):.3f} ms")
+print()
+print("default rate limits (one run each):")
+for name in ["defaults_refresh", "defaults_login"]:
+    r = rows[name][0]
+    print(f"  {name[9:]:40} {r[0]:7.0f} req/s, {r[3]} non-2xx (429 M_LIMIT_EXCEEDED)")
+print()
+print(f"proxy RSS: idle {sys.argv[2]}, after the runs {sys.argv[3]} (nginx {sys.argv[4]})")
+PY
