@@ -94,7 +94,9 @@ http {
         default_type application/json;
         location / { return 200 '{"user_id":"@bench:bench","device_id":"DEV"}'; }
         location ~ /login\$ {
-            return 200 '{"user_id":"@bench:bench","device_id":"D\$request_id","access_token":"syt_\$request_id"}';
+            # A new user per login: one user with 100k live sessions would measure the per-user
+            # session index instead (index_add.lua scans it whole on every login and refresh).
+            return 200 '{"user_id":"@u\$request_id:bench","device_id":"D\$request_id","access_token":"syt_\$request_id"}';
         }
     }
     # The baseline: nginx as a plain keep-alive reverse proxy.

@@ -225,6 +225,11 @@ struct UpstreamErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
 }
@@ -265,6 +270,8 @@ pub struct Metrics {
     store_errors: Family<OpLabel, Counter>,
     rate_limited: Family<RouteLabel, Counter>,
     limiter_keys: Gauge,
+    connections_rejected: Family<ReasonLabel, Counter>,
+    connection_ips: Gauge,
 }
 
 impl Default for Metrics {
@@ -295,7 +302,11 @@ impl Metrics {
             store_errors: Family::default(),
             rate_limited: Family::default(),
             limiter_keys: Gauge::default(),
+            connections_rejected: Family::default(),
+            connection_ips: Gauge::default(),
         };
+        m.connections_rejected
+            .get_or_create_owned(&ReasonLabel { reason: "per_ip" });
         // Bounded label sets start at 0, so dashboards and alerts see every series from the
         // start (a counter that appears only on its first increment hides that first increase).
         for o in RefreshOutcome::ALL {
@@ -384,6 +395,16 @@ impl Metrics {
             "rate_limiter_keys",
             "Keys (clients, users) currently tracked by the rate limiters",
             self.limiter_keys.clone(),
+        );
+        r.register(
+            "connections_rejected",
+            "Client connections closed at accept, by reason (per_ip: http.max_connections_per_ip)",
+            self.connections_rejected.clone(),
+        );
+        r.register(
+            "connection_tracked_ips",
+            "Client IPs with open connections, tracked for http.max_connections_per_ip",
+            self.connection_ips.clone(),
         );
         self
     }
@@ -484,6 +505,19 @@ impl Metrics {
     /// housekeeping task).
     pub fn set_limiter_keys(&self, n: usize) {
         self.limiter_keys.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A connection closed at accept because its IP holds `http.max_connections_per_ip`.
+    pub fn connection_rejected_per_ip(&self) {
+        self.connections_rejected
+            .get_or_create(&ReasonLabel { reason: "per_ip" })
+            .inc();
+    }
+
+    /// The number of client IPs with open connections.
+    pub fn set_connection_ips(&self, n: usize) {
+        self.connection_ips
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 

@@ -82,6 +82,11 @@ pub struct HttpConfig {
     pub idle_timeout: Duration,
     /// Most client connections open at once; beyond it the proxy stops accepting.
     pub max_connections: usize,
+    /// Time a request body may stall (no byte arriving); a JSON body the proxy reads itself
+    /// must also arrive whole within it. Past it: 408 and the connection is closed.
+    pub body_read_timeout: Duration,
+    /// Most connections open at once from one client IP (the TCP peer); `None` = no cap.
+    pub max_connections_per_ip: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,6 +207,9 @@ struct RawHttp {
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<u64>,
+    body_read_timeout: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    max_connections_per_ip: Option<Option<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -444,6 +452,22 @@ impl Config {
             )?,
             idle_timeout: duration("http.idle_timeout", raw.http.idle_timeout.as_deref(), "75s")?,
             max_connections: max_connections as usize,
+            body_read_timeout: duration(
+                "http.body_read_timeout",
+                raw.http.body_read_timeout.as_deref(),
+                "30s",
+            )?,
+            max_connections_per_ip: match raw.http.max_connections_per_ip {
+                None => Some(256),
+                Some(None) | Some(Some(0)) => None,
+                Some(Some(n)) if n <= 1_000_000 => Some(n as usize),
+                Some(Some(_)) => {
+                    return Err(invalid(
+                        "http.max_connections_per_ip",
+                        "must be between 0 (no cap) and 1000000",
+                    ));
+                }
+            },
         };
 
         let level = raw.log.level.unwrap_or_else(|| "info".to_owned());

@@ -24,6 +24,9 @@ pub enum ApiError {
     InvalidParam(&'static str),
     #[error("Request body too large")]
     TooLarge,
+    /// The request body stalled past `http.body_read_timeout`; the connection is closed.
+    #[error("Timed out reading the request body")]
+    BodyTimeout,
     /// `M_UNKNOWN_TOKEN`; `soft_logout` per spec "Soft logout".
     #[error("{message}")]
     UnknownToken {
@@ -74,6 +77,7 @@ impl ApiError {
             ApiError::MissingParam(_) => (StatusCode::BAD_REQUEST, "M_MISSING_PARAM"),
             ApiError::InvalidParam(_) => (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"),
             ApiError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
+            ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "M_UNKNOWN"),
             ApiError::UnknownToken { .. } => (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN"),
             ApiError::MissingToken(_) => (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
@@ -100,6 +104,7 @@ impl ApiError {
             | ApiError::MissingParam(_)
             | ApiError::InvalidParam(_)
             | ApiError::TooLarge
+            | ApiError::BodyTimeout
             | ApiError::UnknownToken { .. }
             | ApiError::MissingToken(_)
             | ApiError::Forbidden(_)
@@ -141,6 +146,10 @@ impl ApiError {
         if let Some(secs) = retry_after_secs {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self == ApiError::BodyTimeout {
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         super::cors(res.headers_mut());
         res
@@ -186,6 +195,9 @@ mod tests {
         .await;
         json_row(ApiError::InvalidParam("x"), 400, "M_INVALID_PARAM").await;
         json_row(ApiError::TooLarge, 413, "M_TOO_LARGE").await;
+        let (_, h, _) = body(ApiError::BodyTimeout).await;
+        assert_eq!(h[header::CONNECTION], "close");
+        json_row(ApiError::BodyTimeout, 408, "M_UNKNOWN").await;
         let v = json_row(
             ApiError::UnknownToken {
                 soft_logout: true,

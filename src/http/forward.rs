@@ -57,7 +57,7 @@ enum Purge {
 
 pub async fn handle(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<super::body::ClientBody>,
     route: Route,
     peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
@@ -89,7 +89,7 @@ pub async fn handle(
                 Ok(Authenticated::Valid(a)) => a,
                 // /logout with an expired token still logs the session out (DESIGN.md §2).
                 Ok(Authenticated::Expired(a)) if route == Route::Logout => a,
-                Ok(Authenticated::Expired(_)) => {
+                Ok(Authenticated::Expired(_) | Authenticated::Superseded) => {
                     return Err(ApiError::UnknownToken {
                         soft_logout: true,
                         message: "Access token has expired",
@@ -141,10 +141,7 @@ pub async fn handle(
     let read_body = matches!(route, Route::DeleteDevices | Route::ChangePassword) && user.is_some();
     let (forward_body, purge) = match &route {
         Route::DeleteDevices | Route::ChangePassword if read_body => {
-            let bytes = read_limited(body, app.http.max_json_body)
-                .await
-                .map_err(|_| ApiError::BadRequest("Could not read the request body"))?
-                .ok_or(ApiError::TooLarge)?;
+            let bytes = super::read_body(app, body).await?;
             let v: Option<Value> = serde_json::from_slice(&bytes).ok();
             let purge = if route == Route::DeleteDevices {
                 let devices = v

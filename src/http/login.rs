@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 use super::routes::Route;
@@ -54,7 +53,7 @@ fn is_guest(query: Option<&str>) -> bool {
 
 pub async fn handle(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<super::body::ClientBody>,
     route: Route,
     peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
@@ -82,10 +81,7 @@ pub async fn handle(
     }
 
     let guest = route == Route::Register && is_guest(query.as_deref());
-    let bytes = read_limited(body, app.http.max_json_body)
-        .await
-        .map_err(|_| ApiError::BadRequest("Could not read the request body"))?
-        .ok_or(ApiError::TooLarge)?;
+    let bytes = super::read_body(app, body).await?;
 
     let mut ask = Ask::default();
     let mut forward_bytes = bytes.clone();

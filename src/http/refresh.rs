@@ -2,15 +2,16 @@
 //! forwarded: the homeserver has no refresh tokens).
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::{ApiError, App, Body, json_response, with_user};
 use crate::metrics::{PurgeCause, RefreshOutcome};
-use crate::proxy::read_limited;
 use crate::session::{ProxyToken, Refreshed, TokenKind};
 
-pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn handle(
+    app: &App,
+    req: Request<super::body::ClientBody>,
+) -> Result<Response<Body>, ApiError> {
     match *req.method() {
         // CORS preflight (spec "Web Browser Clients").
         Method::OPTIONS => return Ok(json_response(StatusCode::OK, &json!({}))),
@@ -18,10 +19,7 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>,
         _ => return Err(ApiError::MethodNotAllowed),
     }
     // No credential is needed and any given is ignored; Content-Type is not required.
-    let bytes = read_limited(req.into_body(), app.http.max_json_body)
-        .await
-        .map_err(|_| ApiError::BadRequest("Could not read the request body"))?
-        .ok_or(ApiError::TooLarge)?;
+    let bytes = super::read_body(app, req.into_body()).await?;
     let body: Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::NotJson)?;
     let obj = body
         .as_object()

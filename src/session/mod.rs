@@ -104,6 +104,9 @@ pub enum AccessRecord {
     Unknown,
     /// The record exists but its session was revoked.
     Revoked,
+    /// Superseded by later tokens of a live session; only a marker is left (no upstream token):
+    /// soft logout.
+    Superseded,
     Found {
         sealed_upstream: Vec<u8>,
         expires_at: Millis,
@@ -220,6 +223,9 @@ pub enum Authenticated {
     /// Expired but its session lives: soft logout. The upstream token is still given so that
     /// `/logout` with an expired token can be forwarded.
     Expired(SessionAuth),
+    /// Superseded by later tokens of a live session and no longer held in full: soft logout
+    /// (also on `/logout`: the client refreshes, then logs out with its current token).
+    Superseded,
     /// Revoked, never issued, or unreadable: hard logout.
     Rejected,
 }
@@ -399,6 +405,7 @@ impl<S: TokenStore> Sessions<S> {
         let id = at.lookup_id();
         match self.store.lookup_access(at.session(), &id, now).await? {
             AccessRecord::Unknown | AccessRecord::Revoked => Ok(Authenticated::Rejected),
+            AccessRecord::Superseded => Ok(Authenticated::Superseded),
             AccessRecord::Found {
                 sealed_upstream,
                 expires_at,

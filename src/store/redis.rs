@@ -7,13 +7,19 @@
 //!
 //! | key | type | fields / members | TTL |
 //! |---|---|---|---|
-//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms | longest of its records |
-//! | `mrp:{T}:a:<id>` | hash | `ut` sealed upstream token, `exp` expiry ms, `used` 0/1, `prev` predecessor refresh id | as the session; superseded: expiry + 1 h |
-//! | `mrp:{T}:r:<id>` | hash | `st` live/rotated, `ut` sealed upstream token (live only), `exp` idle expiry ms (0 none), `at` paired access id, `prev` predecessor refresh id, `next` sealed successor pair and `natexp` its access expiry (rotated only) | idle expiry + 24 h |
-//! | `mrp:{T}:k` | zset | names of the session's token keys, scored by their expiry | as the session |
-//! | `mrp:{T}:used` | zset | ids of the 64 latest refresh tokens whose grace ended (reuse detection) | as the session |
+//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms, `lr` last refresh ms (0 none yet), `aexp` current access expiry ms, `rexp` current refresh idle expiry ms (0 none), `sa` id of the newest superseded access token still held in full | longest of its records |
+//! | `mrp:{T}:a:<id>` | hash | `ut` sealed upstream token, `exp` expiry ms, `used` 0/1, `prev` predecessor refresh id | as the session; superseded: expiry + 1 h, and deleted once a newer one is superseded |
+//! | `mrp:{T}:r:<id>` | hash | `st` live/rotated, `ut` sealed upstream token (live only), `exp` idle expiry ms (0 none), `at` paired access id, `prev` predecessor refresh id, `next` sealed successor pair and `natexp` its access expiry (rotated only) | idle expiry + 24 h; rotated: deleted when its grace ends |
+//! | `mrp:{T}:k` | zset | names of the session's live token keys (`a:`, `r:`), scored by their expiry; a name leaves when its key is deleted, and is rescored when its TTL is shortened | as the session |
+//! | `mrp:{T}:x` | zset | markers of superseded access tokens: the first 22 characters of the id, scored by its expiry; the 16 newest, each until expiry + 1 h (answers soft logout once the full record is gone) | as the session |
+//! | `mrp:{T}:used` | zset | the first 22 characters of the ids of the 64 latest refresh tokens whose grace ended (reuse detection) | as the session |
 //! | `mrp:u:{<user id>}` | hash | session tag → `device id \n expiry ms` | longest of the user's sessions |
 //! | `mrp:rl:<limiter>:{<id>}` | string | shared rate limit (`rate_limit.backend: redis`): GCRA arrival time in µs of Redis `TIME`; `<id>` is a client IP or a session tag | until the budget is full again |
+//!
+//! So a session holds at most 8 keys whatever its number of refreshes: `s`, `k`, `x`, `used`, the
+//! live refresh token, the rotated one in grace (if any), the current access token, its
+//! predecessor (until the next one is used) and the newest superseded one; logout deletes the
+//! names in `k` (at most 5) and the four fixed keys (`tests/state_bounds.rs`).
 //!
 //! Sealed values are ChaCha20-Poly1305 under a key derived from the token that points to them
 //! ([`crate::session::seal`]).
@@ -239,12 +245,14 @@ impl TokenStore for RedisStore {
             .arg(now)
             .arg(&k.prefix)
             .arg(ms(SUPERSEDED_ACCESS_RETENTION))
+            .arg(id)
             .invoke_async(&mut c)
             .await
             .map_err(err)?;
         let (status, rest) = reply(v)?;
         let mut rest = rest.into_iter();
         Ok(match status.as_str() {
+            "superseded" => AccessRecord::Superseded,
             "found" => {
                 let sealed = bytes(rest.next().ok_or_else(short)?)?;
                 let exp = number(rest.next().ok_or_else(short)?)?;

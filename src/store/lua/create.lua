@@ -5,7 +5,8 @@
 --       8 refresh sealed upstream token, 9 refresh expiry ms (0 = none), 10 refresh ttl ms,
 --       11 session ttl ms, 12 access id
 local now = tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'u', ARGV[1], 'd', ARGV[2], 'end', ARGV[3], 'c', ARGV[4])
+redis.call('HSET', KEYS[1], 'u', ARGV[1], 'd', ARGV[2], 'end', ARGV[3], 'c', ARGV[4], 'lr', '0',
+  'aexp', ARGV[6], 'rexp', ARGV[9])
 redis.call('PEXPIRE', KEYS[1], ARGV[11])
 redis.call('HSET', KEYS[2], 'ut', ARGV[5], 'exp', ARGV[6], 'used', '0', 'prev', '')
 redis.call('PEXPIRE', KEYS[2], ARGV[7])

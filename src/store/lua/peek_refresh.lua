@@ -12,7 +12,7 @@ if not s[1] then
   return {'unknown'}
 end
 if not r[1] then
-  if redis.call('ZSCORE', KEYS[4], ARGV[2]) then
+  if redis.call('ZSCORE', KEYS[4], short_id(ARGV[2])) then
     if ARGV[3] == '1' then
       purge_session(KEYS[2], KEYS[3], KEYS[4])
       return {'reused', s[1], s[2], '1'}

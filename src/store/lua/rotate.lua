@@ -24,6 +24,8 @@ redis.call('HSET', KEYS[6], 'st', 'live', 'ut', ARGV[8], 'exp', ARGV[9], 'at', A
 redis.call('PEXPIRE', KEYS[6], ARGV[10])
 redis.call('HSET', KEYS[1], 'st', 'rotated', 'next', ARGV[11], 'natexp', ARGV[6])
 redis.call('HDEL', KEYS[1], 'ut')
+-- Read by the admin API: last refresh and the current pair's expiries.
+redis.call('HSET', KEYS[2], 'lr', ARGV[1], 'aexp', ARGV[6], 'rexp', ARGV[9])
 -- Using this refresh token ends the grace of the one before it.
 if r[3] and r[3] ~= '' then
   consume_refresh(ARGV[13], r[3], now, KEYS[4], KEYS[2], ARGV[14])

@@ -1,0 +1,139 @@
+//! Per-session Redis state: its fields (read by the admin API) and its bounds (issue 9).
+mod common;
+
+use common::*;
+
+fn session_key(h: &Harness) -> String {
+    let keys = h.redis.cli(&["--scan", "--pattern", "mrp:{*}:s"]);
+    let keys: Vec<&str> = keys.lines().collect();
+    assert_eq!(keys.len(), 1, "one session: {keys:?}");
+    keys[0].to_owned()
+}
+
+fn field(h: &Harness, key: &str, f: &str) -> u64 {
+    let v = h.redis.cli(&["HGET", key, f]);
+    v.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{f} = {v:?} in {key}"))
+}
+
+#[tokio::test]
+async fn session_hash_tracks_last_refresh_and_current_expiries() {
+    let h = Harness::start().await;
+    let v = h.login("alice").await;
+    let s = session_key(&h);
+    let c = field(&h, &s, "c");
+    assert!(c > 0);
+    assert_eq!(field(&h, &s, "lr"), 0, "no refresh yet");
+    let aexp = field(&h, &s, "aexp");
+    let rexp = field(&h, &s, "rexp");
+    // access 1h, refresh 7d (the harness defaults)
+    assert!(aexp.abs_diff(c + 3_600_000) < 5_000, "aexp {aexp} c {c}");
+    assert!(
+        rexp.abs_diff(c + 7 * 86_400_000) < 5_000,
+        "rexp {rexp} c {c}"
+    );
+
+    let n = h.refresh(&rt(&v)).await;
+    assert_eq!(n.status, 200);
+    let lr = field(&h, &s, "lr");
+    assert!(lr >= c, "lr {lr} c {c}");
+    assert_eq!(field(&h, &s, "c"), c, "created unchanged");
+    let aexp2 = field(&h, &s, "aexp");
+    assert!(
+        aexp2.abs_diff(lr + 3_600_000) < 5_000,
+        "aexp {aexp2} lr {lr}"
+    );
+    assert!(field(&h, &s, "rexp").abs_diff(lr + 7 * 86_400_000) < 5_000);
+}
+
+#[tokio::test]
+async fn session_hash_rexp_is_zero_without_refresh_expiry() {
+    let h = Harness::with(
+        ProxyOptions {
+            refresh: "null",
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let v = h.login("alice").await;
+    let s = session_key(&h);
+    assert_eq!(field(&h, &s, "rexp"), 0);
+    assert_eq!(h.refresh(&rt(&v)).await.status, 200);
+    assert_eq!(field(&h, &s, "rexp"), 0);
+    assert!(field(&h, &s, "lr") > 0);
+}
+
+/// Keys, index names, index names without a key, and summed `MEMORY USAGE` of the one session.
+fn footprint(h: &Harness) -> (usize, usize, usize, u64) {
+    let s = session_key(h);
+    let prefix = &s[..s.len() - 1];
+    let keys = h.redis.cli(&["--scan", "--pattern", &format!("{prefix}*")]);
+    let keys: Vec<&str> = keys.lines().collect();
+    let mut bytes = 0;
+    for k in &keys {
+        let n: u64 = h.redis.cli(&["MEMORY", "USAGE", k]).trim().parse().unwrap();
+        bytes += n;
+    }
+    let index = h.redis.cli(&["ZRANGE", &format!("{prefix}k"), "0", "-1"]);
+    let names: Vec<&str> = index.lines().collect();
+    let dangling = names
+        .iter()
+        .filter(|n| h.redis.cli(&["EXISTS", n]).trim() != "1")
+        .count();
+    (keys.len(), names.len(), dangling, bytes)
+}
+
+#[tokio::test]
+async fn session_state_does_not_grow_with_refreshes() {
+    let h = Harness::with(
+        ProxyOptions {
+            extra: "rate_limit:\n  refresh: null\n".into(),
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let v = h.login("alice").await;
+    let (keys, names, dangling, bytes) = footprint(&h);
+    println!("after login: {keys} keys, {names} index names ({dangling} dangling), {bytes} bytes");
+    assert!(bytes <= 2048, "{bytes} bytes right after login");
+    let mut rt_now = rt(&v);
+    let mut old_at = Vec::new();
+    let mut old_rt = Vec::new();
+    for i in 1..=1000 {
+        let n = h.refresh(&rt_now).await;
+        assert_eq!(n.status, 200, "refresh {i}");
+        let n = n.json();
+        assert_eq!(h.whoami(&at(&n)).await.status, 200, "new access token {i}");
+        old_at.push(at(&n));
+        rt_now = rt(&n);
+        old_rt.push(rt_now.clone());
+        if [1, 10, 100, 1000].contains(&i) {
+            let (keys, names, dangling, bytes) = footprint(&h);
+            println!(
+                "after {i} refreshes: {keys} keys, {names} index names ({dangling} dangling), {bytes} bytes"
+            );
+            assert!(keys <= 8, "{keys} keys after {i} refreshes");
+            assert_eq!(dangling, 0, "index names missing keys after {i} refreshes");
+            assert!(bytes <= 8192, "{bytes} bytes after {i} refreshes");
+        }
+    }
+    // The current token works; the one before it still holds its full record; older ones are
+    // markers: soft logout, never a hard one, while the session lives.
+    assert_eq!(h.whoami(&old_at[999]).await.status, 200);
+    assert_eq!(h.whoami(&old_at[998]).await.status, 200);
+    assert_unknown_token(&h.whoami(&old_at[990]).await, true);
+    // A used refresh token is still recognised as reuse (not merely unknown): revokes all.
+    let r = h.refresh(&old_rt[990]).await;
+    assert_eq!(r.status, 401);
+    assert_unknown_token(&h.whoami(&old_at[999]).await, false);
+    assert_unknown_token(&h.whoami(&old_at[990]).await, false);
+    assert!(
+        h.redis
+            .cli(&["--scan", "--pattern", "mrp:{*"])
+            .trim()
+            .is_empty()
+    );
+}
