@@ -50,6 +50,9 @@ pub struct TlsConfig {
 pub struct AdminConfig {
     /// Its address, never the client one; `None` = no admin listener.
     pub listen: Option<SocketAddr>,
+    /// File holding the bearer secret of the operator API (`/admin/v1/...`); `None` = the API
+    /// is off (404) and only `/metrics` and `/health/*` are served.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -169,6 +172,7 @@ struct RawTls {
 struct RawAdmin {
     #[serde(default, deserialize_with = "nullable")]
     listen: Option<Option<String>>,
+    token_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -490,6 +494,7 @@ impl Config {
 
         let admin = AdminConfig {
             listen: admin_listen(raw.admin.listen, listen)?,
+            token_file: path("admin.token_file", raw.admin.token_file)?,
         };
         let rate_limit = rate_limit::rate_limit(raw.rate_limit)?;
         let trusted_proxies = rate_limit::trusted_proxies(raw.trusted_proxies.unwrap_or_default())?;
@@ -619,6 +624,21 @@ mod tests {
             e.starts_with("tls.cert_file: cannot read /nonexistent/c"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn admin_token_file() {
+        let c = parse("upstream: {url: 'http://hs'}").unwrap();
+        assert_eq!(c.admin.token_file, None);
+        let c = parse(
+            "upstream: {url: 'http://hs'}\nadmin: {token_file: /run/credentials/mrp/admin-token}",
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.token_file,
+            Some(PathBuf::from("/run/credentials/mrp/admin-token"))
+        );
+        assert!(parse("upstream: {url: 'http://hs'}\nadmin: {token_file: ''}").is_err());
     }
 
     #[test]

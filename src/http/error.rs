@@ -40,6 +40,9 @@ pub enum ApiError {
     Forbidden(&'static str),
     #[error("Unsupported method")]
     MethodNotAllowed,
+    /// No such resource (admin API: unknown session, unknown path).
+    #[error("{0}")]
+    NotFound(&'static str),
     #[error("{0}")]
     BadRequest(&'static str),
     /// The session store is down, on any route but /refresh.
@@ -82,6 +85,7 @@ impl ApiError {
             ApiError::MissingToken(_) => (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "M_NOT_FOUND"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
             ApiError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN"),
             ApiError::RefreshStoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN"),
@@ -109,6 +113,7 @@ impl ApiError {
             | ApiError::MissingToken(_)
             | ApiError::Forbidden(_)
             | ApiError::MethodNotAllowed
+            | ApiError::NotFound(_)
             | ApiError::BadRequest(_)
             | ApiError::UpstreamUnreachable
             | ApiError::UpstreamTimeout
@@ -221,6 +226,7 @@ mod tests {
         json_row(ApiError::MissingToken("x"), 401, "M_MISSING_TOKEN").await;
         json_row(ApiError::Forbidden("x"), 403, "M_FORBIDDEN").await;
         json_row(ApiError::MethodNotAllowed, 405, "M_UNRECOGNIZED").await;
+        json_row(ApiError::NotFound("x"), 404, "M_NOT_FOUND").await;
         json_row(ApiError::BadRequest("x"), 400, "M_UNKNOWN").await;
         json_row(ApiError::UpstreamUnreachable, 502, "M_UNKNOWN").await;
         json_row(ApiError::UpstreamTimeout, 504, "M_UNKNOWN").await;
