@@ -8,7 +8,11 @@
 # Needs BuildKit (the default builder since Docker 23) for the cache mounts.
 
 # ---- build ----
-# rust:1 follows the newest stable release (the crate uses edition 2024 and let-chains: >= 1.88).
+# rust:1 follows the newest stable release (Cargo.toml's rust-version: >= 1.88).
+# NOT PINNED BY DIGEST YET (no registry access where this was written): pin both FROM lines as
+#   FROM rust:1-slim-bookworm@sha256:<digest> AS builder
+# with the digest from `docker buildx imagetools inspect rust:1-slim-bookworm`.
+# scripts/deploy-check.sh warns while a FROM line has no @sha256: (REQUIRE_DIGEST=1 fails).
 FROM rust:1-slim-bookworm AS builder
 WORKDIR /src
 # Only what the release build reads: the lock file pins every dependency (--locked).
@@ -24,6 +28,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # ---- runtime ----
 # glibc and libgcc (what a Rust binary links against), CA certificates, no shell, no package
 # manager. Same Debian release as the builder, so the glibc versions match.
+# NOT PINNED BY DIGEST YET: see above (`docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot`).
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /out/matrix-refresh-proxy /usr/local/bin/matrix-refresh-proxy
 COPY deploy/docker/config.yaml /etc/matrix-refresh-proxy/config.yaml

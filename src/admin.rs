@@ -1,5 +1,8 @@
 //! The admin listener, on its own address (`admin.listen`), never the client port:
-//! `GET /metrics` (Prometheus text format), `GET /health/live` and `GET /health/ready`.
+//! `GET /metrics` (Prometheus text format), `GET /health/live` and `GET /health/ready`, and
+//! with `admin.token_file` the operator session API under `/admin/v1/` ([`api`]).
+
+pub mod api;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -162,13 +165,16 @@ impl<P: Probes> Readiness<P> {
 pub struct Admin<P> {
     pub app: Arc<App>,
     pub readiness: Readiness<P>,
+    /// The operator API; `None` without `admin.token_file` (it answers 404).
+    pub api: Option<api::AdminApi>,
 }
 
 impl Admin<AppProbes> {
-    pub fn new(app: Arc<App>) -> Self {
+    pub fn new(app: Arc<App>, api: Option<api::AdminApi>) -> Self {
         Admin {
             readiness: Readiness::new(AppProbes(app.clone())),
             app,
+            api,
         }
     }
 }
@@ -184,8 +190,24 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
 }
 
 /// Answers one admin request.
-pub async fn handle<P: Probes>(admin: &Admin<P>, req: &Request<Incoming>) -> Response<Body> {
+pub async fn handle<P: Probes>(
+    admin: &Admin<P>,
+    req: &Request<Incoming>,
+    peer: std::net::IpAddr,
+) -> Response<Body> {
     let path = req.uri().path();
+    if path.starts_with("/admin/") {
+        return api::handle(
+            &admin.app,
+            admin.api.as_ref(),
+            req.method(),
+            path,
+            req.uri().query(),
+            req.headers(),
+            peer,
+        )
+        .await;
+    }
     let known = matches!(path, "/metrics" | "/health/live" | "/health/ready");
     if known && !matches!(*req.method(), Method::GET | Method::HEAD) {
         let mut res = text(
@@ -243,15 +265,20 @@ pub async fn handle<P: Probes>(admin: &Admin<P>, req: &Request<Incoming>) -> Res
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: GET /metrics, /health/live or /health/ready\n".into(),
+            "not found: GET /metrics, /health/live or /health/ready (or /admin/v1/...)\n".into(),
             "text/plain; charset=utf-8",
         ),
     }
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
-    let admin = Arc::new(Admin::new(app));
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    api: Option<api::AdminApi>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let admin = Arc::new(Admin::new(app, api));
     let mut builder = http1::Builder::new();
     // Without a timer hyper's header-read timeout is silently off.
     builder
@@ -264,8 +291,8 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((s, _)) => s,
+                let (stream, peer) = match accepted {
+                    Ok((s, peer)) => (s, peer.ip()),
                     Err(e) => {
                         tracing::warn!(error = %e, "admin accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -279,7 +306,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                 let admin = admin.clone();
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(handle(&admin, &req).await) }
+                    async move { Ok::<_, Infallible>(handle(&admin, &req, peer).await) }
                 });
                 let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
                 tokio::spawn(async move {

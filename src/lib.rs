@@ -40,9 +40,14 @@ pub enum RunError {
     Store(#[from] session::StoreError),
     #[error("tls: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("{0}")]
+    AdminSecret(#[from] admin::api::SecretError),
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(std::io::Error),
 }
+
+/// How often `mrp_sessions_alive` is sampled (one SCAN pass over the session records).
+const SESSIONS_ALIVE_SAMPLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Builds the application state from a validated config.
 pub fn app(config: &Config) -> Result<App, RunError> {
@@ -101,13 +106,17 @@ pub async fn run(
         None => None,
     };
     let app = Arc::new(app(&config)?);
+    let admin_api = match &config.admin.token_file {
+        Some(path) => Some(admin::api::AdminApi::from_file(path)?),
+        None => None,
+    };
 
     // The admin listener stops once the client listener has drained (readiness answers 503
     // meanwhile).
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_task = admin_listener.map(|(listener, addr)| {
         tracing::info!("admin listening on {addr}");
-        tokio::spawn(admin::serve(listener, app.clone(), async {
+        tokio::spawn(admin::serve(listener, app.clone(), admin_api, async {
             let _ = admin_stopped.await;
         }))
     });
@@ -129,6 +138,10 @@ pub async fn run(
     )));
     let _ready = AbortOnDrop(tokio::spawn(lifecycle::ready_when_store_answers(
         app.clone(),
+    )));
+    let _sessions_alive = AbortOnDrop(tokio::spawn(admin::api::sample_sessions_alive(
+        app.clone(),
+        SESSIONS_ALIVE_SAMPLE,
     )));
     let _watchdog = AbortOnDrop(tokio::spawn(lifecycle::watchdog()));
     tracing::info!(upstream = %config.upstream.url, "listening on {local}");

@@ -20,6 +20,9 @@ struct Cli {
         env = "MRP_CONFIG"
     )]
     config: PathBuf,
+    /// `sessions`: the admin listener's base URL (default: from `admin.listen`).
+    #[arg(long, global = true, env = "MRP_ADMIN_URL")]
+    admin_url: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -30,6 +33,39 @@ enum Command {
     Run,
     /// Validate the configuration and exit (non-zero, naming the key, when it is wrong).
     CheckConfig,
+    /// Operator session commands, through the admin API of a running proxy (`admin.listen`,
+    /// `admin.token_file` from the config).
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// List a user's proxy sessions.
+    List {
+        /// The Matrix user id, e.g. @alice:example.org.
+        user_id: String,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End one session (by its id) or all of a user's sessions (`--user`).
+    Revoke {
+        /// The session id shown by `sessions list`.
+        #[arg(required_unless_present = "user", conflicts_with = "user")]
+        session_id: Option<String>,
+        /// End every session of this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sessions alive, logins and refreshes in the last minute.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +85,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::CheckConfig) = cli.command {
         println!("{}: OK", cli.config.display());
         return Ok(());
+    }
+    if let Some(Command::Sessions(cmd)) = cli.command {
+        return sessions_cli::run(&config, cli.admin_url.as_deref(), cmd);
     }
     matrix_refresh_proxy::telemetry::init(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -75,6 +114,162 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+mod sessions_cli {
+    //! `sessions list|revoke|stats`: a small client of the admin API.
+
+    use anyhow::{Context, bail};
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use matrix_refresh_proxy::config::Config;
+    use serde_json::Value;
+
+    use super::SessionsCommand;
+
+    fn enc(s: &str) -> String {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    }
+
+    pub fn run(
+        config: &Config,
+        admin_url: Option<&str>,
+        cmd: SessionsCommand,
+    ) -> anyhow::Result<()> {
+        let addr = match admin_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => {
+                let Some(mut addr) = config.admin.listen else {
+                    bail!("admin.listen is null: there is no admin API to talk to");
+                };
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(if addr.is_ipv4() {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    });
+                }
+                format!("http://{addr}")
+            }
+        };
+        let Some(file) = &config.admin.token_file else {
+            bail!("admin.token_file is not set: the admin API is off");
+        };
+        let secret = std::fs::read_to_string(file)
+            .with_context(|| format!("admin.token_file {}", file.display()))?;
+        let base = format!("{addr}/admin/v1");
+        let (method, url, json) = match &cmd {
+            SessionsCommand::List { user_id, json } => (
+                http::Method::GET,
+                format!("{base}/users/{}/sessions", enc(user_id)),
+                *json,
+            ),
+            SessionsCommand::Revoke {
+                session_id: Some(sid),
+                json,
+                ..
+            } => (
+                http::Method::DELETE,
+                format!("{base}/sessions/{}", enc(sid)),
+                *json,
+            ),
+            SessionsCommand::Revoke {
+                user: Some(user),
+                json,
+                ..
+            } => (
+                http::Method::DELETE,
+                format!("{base}/users/{}/sessions", enc(user)),
+                *json,
+            ),
+            SessionsCommand::Revoke { .. } => bail!("give a session id or --user"),
+            SessionsCommand::Stats { json } => (http::Method::GET, format!("{base}/stats"), *json),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (status, body) = runtime.block_on(async {
+            let client: Client<_, Empty<Bytes>> =
+                Client::builder(TokioExecutor::new()).build_http();
+            let req = http::Request::builder()
+                .method(method)
+                .uri(&url)
+                .header(
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", secret.trim()),
+                )
+                .body(Empty::new())?;
+            let res = tokio::time::timeout(std::time::Duration::from_secs(30), client.request(req))
+                .await
+                .context("the admin API did not answer within 30 s")?
+                .with_context(|| format!("cannot reach the admin API at {addr}"))?;
+            let status = res.status();
+            let body = res.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, body))
+        })?;
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!(
+                "admin API answered {status}: {} {}",
+                v["errcode"].as_str().unwrap_or(""),
+                v["error"].as_str().unwrap_or("")
+            );
+        }
+        if json {
+            println!("{v}");
+            return Ok(());
+        }
+        match cmd {
+            SessionsCommand::List { user_id, .. } => {
+                let sessions = v["sessions"].as_array().cloned().unwrap_or_default();
+                println!("{} session(s) of {user_id}", sessions.len());
+                if !sessions.is_empty() {
+                    println!(
+                        "{:<24} {:<16} {:<20} {:<20} {:<20} {:<20}",
+                        "SESSION",
+                        "DEVICE",
+                        "CREATED",
+                        "LAST REFRESH",
+                        "ACCESS EXPIRES",
+                        "REFRESH EXPIRES"
+                    );
+                }
+                for s in sessions {
+                    println!(
+                        "{:<24} {:<16} {:<20} {:<20} {:<20} {:<20}",
+                        s["session_id"].as_str().unwrap_or("?"),
+                        s["device_id"].as_str().unwrap_or("?"),
+                        time(&s["created_at"]),
+                        time(&s["last_refresh_at"]),
+                        time(&s["access_expires_at"]),
+                        time(&s["refresh_expires_at"]),
+                    );
+                }
+            }
+            SessionsCommand::Revoke { .. } => {
+                println!("{} session(s) ended", v["ended"].as_u64().unwrap_or(0));
+            }
+            SessionsCommand::Stats { .. } => {
+                println!("sessions alive:        {}", v["sessions_alive"]);
+                println!("logins (last minute):  {}", v["logins_last_minute"]);
+                println!("refreshes (last min.): {}", v["refreshes_last_minute"]);
+            }
+        }
+        Ok(())
+    }
+
+    /// A ms timestamp as UTC `YYYY-MM-DDTHH:MM:SSZ`, `-` for none.
+    fn time(v: &Value) -> String {
+        match v.as_u64() {
+            Some(ms) => humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+            .to_string(),
+            None => "-".to_owned(),
+        }
+    }
 }
 
 /// SIGTERM and SIGINT, registered once so that no second signal is missed.

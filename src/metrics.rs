@@ -96,10 +96,12 @@ pub enum PurgeCause {
     UpstreamRevoked,
     /// Refresh token reuse detection revoked the session.
     Reuse,
+    /// An operator ended it through the admin API (`DELETE /admin/v1/...`).
+    Admin,
 }
 
 impl PurgeCause {
-    pub const ALL: [PurgeCause; 8] = [
+    pub const ALL: [PurgeCause; 9] = [
         PurgeCause::Logout,
         PurgeCause::LogoutAll,
         PurgeCause::DeviceDelete,
@@ -108,6 +110,7 @@ impl PurgeCause {
         PurgeCause::Relogin,
         PurgeCause::UpstreamRevoked,
         PurgeCause::Reuse,
+        PurgeCause::Admin,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -120,6 +123,7 @@ impl PurgeCause {
             PurgeCause::Relogin => "relogin",
             PurgeCause::UpstreamRevoked => "upstream_revoked",
             PurgeCause::Reuse => "reuse",
+            PurgeCause::Admin => "admin",
         }
     }
 }
@@ -191,6 +195,8 @@ pub enum UpstreamCall {
     Whoami,
     /// `GET /_matrix/client/versions` for `/health/ready`.
     Readiness,
+    /// `POST /logout` of a device whose login could not be stored (it would be orphaned).
+    OrphanLogout,
 }
 
 impl UpstreamCall {
@@ -203,6 +209,7 @@ impl UpstreamCall {
             UpstreamCall::Route(name) => name,
             UpstreamCall::Whoami => "whoami",
             UpstreamCall::Readiness => "readiness",
+            UpstreamCall::OrphanLogout => "orphan_logout",
         }
     }
 }
@@ -222,6 +229,11 @@ struct RouteLabel {
 struct UpstreamErrorLabels {
     route: &'static str,
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -265,6 +277,13 @@ pub struct Metrics {
     store_errors: Family<OpLabel, Counter>,
     rate_limited: Family<RouteLabel, Counter>,
     limiter_keys: Gauge,
+    sessions_alive: Gauge,
+    admin_calls: Family<AdminCallLabels, Counter>,
+    /// Logins and refreshes of the last minute, for `GET /admin/v1/stats`.
+    recent_logins: RecentCounter,
+    recent_refreshes: RecentCounter,
+    connections_rejected: Family<ReasonLabel, Counter>,
+    connection_ips: Gauge,
 }
 
 impl Default for Metrics {
@@ -295,7 +314,15 @@ impl Metrics {
             store_errors: Family::default(),
             rate_limited: Family::default(),
             limiter_keys: Gauge::default(),
+            sessions_alive: Gauge::default(),
+            admin_calls: Family::default(),
+            recent_logins: RecentCounter::default(),
+            recent_refreshes: RecentCounter::default(),
+            connections_rejected: Family::default(),
+            connection_ips: Gauge::default(),
         };
+        m.connections_rejected
+            .get_or_create_owned(&ReasonLabel { reason: "per_ip" });
         // Bounded label sets start at 0, so dashboards and alerts see every series from the
         // start (a counter that appears only on its first increment hides that first increase).
         for o in RefreshOutcome::ALL {
@@ -385,6 +412,27 @@ impl Metrics {
             "Keys (clients, users) currently tracked by the rate limiters",
             self.limiter_keys.clone(),
         );
+        r.register(
+            "sessions_alive",
+            "Proxy session records in Redis (sampled every 30 s by a SCAN; includes sessions \
+             within their 24 h retention after expiry)",
+            self.sessions_alive.clone(),
+        );
+        r.register(
+            "admin_calls",
+            "Admin API calls (/admin/v1/...), by action and status code",
+            self.admin_calls.clone(),
+        );
+        r.register(
+            "connections_rejected",
+            "Client connections closed at accept, by reason (per_ip: http.max_connections_per_ip)",
+            self.connections_rejected.clone(),
+        );
+        r.register(
+            "connection_tracked_ips",
+            "Client IPs with open connections, tracked for http.max_connections_per_ip",
+            self.connection_ips.clone(),
+        );
         self
     }
 
@@ -433,6 +481,9 @@ impl Metrics {
     }
 
     pub fn refresh(&self, outcome: RefreshOutcome) {
+        if outcome == RefreshOutcome::Ok {
+            self.recent_refreshes.add(coarse_now_secs());
+        }
         self.refresh
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.as_str(),
@@ -442,6 +493,7 @@ impl Metrics {
 
     /// A new session issued on `route` (login or register).
     pub fn session_minted(&self, route: &Route) {
+        self.recent_logins.add(coarse_now_secs());
         self.minted
             .get_or_create(&RouteLabel {
                 route: route.name(),
@@ -484,6 +536,92 @@ impl Metrics {
     /// housekeeping task).
     pub fn set_limiter_keys(&self, n: usize) {
         self.limiter_keys.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A connection closed at accept because its IP holds `http.max_connections_per_ip`.
+    pub fn connection_rejected_per_ip(&self) {
+        self.connections_rejected
+            .get_or_create(&ReasonLabel { reason: "per_ip" })
+            .inc();
+    }
+
+    /// The number of client IPs with open connections.
+    pub fn set_connection_ips(&self, n: usize) {
+        self.connection_ips
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+impl Metrics {
+    /// The sampled number of session records (see `admin::sample_sessions_alive`).
+    pub fn set_sessions_alive(&self, n: u64) {
+        self.sessions_alive
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn sessions_alive(&self) -> i64 {
+        self.sessions_alive.get()
+    }
+
+    /// One admin API call answered with `status`; `action` is from a closed set.
+    pub fn admin_call(&self, action: &'static str, status: u16) {
+        self.admin_calls
+            .get_or_create(&AdminCallLabels { action, status })
+            .inc();
+    }
+
+    /// Logins (sessions minted) and refreshes (new pairs issued) in the last minute, on this
+    /// replica.
+    pub fn last_minute(&self) -> (u64, u64) {
+        let now = coarse_now_secs();
+        (self.recent_logins.sum(now), self.recent_refreshes.sum(now))
+    }
+}
+
+fn coarse_now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AdminCallLabels {
+    action: &'static str,
+    status: u16,
+}
+
+/// Events of the last 60 seconds: one bucket per second, reused round-robin (fixed size).
+#[derive(Debug)]
+struct RecentCounter {
+    /// (second the bucket counts, count) per slot.
+    slots: std::sync::Mutex<[(u64, u64); 60]>,
+}
+
+impl Default for RecentCounter {
+    fn default() -> Self {
+        RecentCounter {
+            slots: std::sync::Mutex::new([(0, 0); 60]),
+        }
+    }
+}
+
+impl RecentCounter {
+    fn add(&self, now: u64) {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = &mut s[(now % 60) as usize];
+        if slot.0 != now {
+            *slot = (now, 0);
+        }
+        slot.1 += 1;
+    }
+
+    fn sum(&self, now: u64) -> u64 {
+        let s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        s.iter()
+            .filter(|(at, _)| now.saturating_sub(*at) < 60 && *at <= now)
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 

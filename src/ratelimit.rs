@@ -6,12 +6,13 @@
 //! | `all` | client IP | every request (off by default) |
 //! | `login` | client IP | `POST /login`, `POST /register` |
 //! | `refresh_ip` | client IP | `POST /refresh` |
-//! | `refresh_session` | session id from the refresh token | `POST /refresh` |
+//! | `refresh_session` | session id of a refresh token shown genuine | `POST /refresh` |
 //!
 //! Keys are bounded identities only: a client IP (IPv6 by its /64, the smallest block an
 //! end site is given, so one host cannot mint 2^64 identities) and a session id, never a token.
-//! A session id is parsed from the presented refresh token (checksummed, not authenticated), so
-//! a client can make up session ids; it gets them past its per-IP limit first.
+//! The session id is in clear in every token, so `refresh_session` is charged only once the store
+//! has shown the presented token genuine (its sealed record opened), before anything is written
+//! (`Sessions::refresh_gated`): a made-up or spent token naming a session cannot spend its budget.
 //!
 //! The local limiter is always asked first. With the Redis backend an allowed request is then
 //! checked against the shared budget (`gcra.lua`). If Redis fails the request is allowed, a
@@ -171,7 +172,7 @@ impl<B: SharedLimiter, C: Clock + Clone> RateLimits<B, C> {
             .await
     }
 
-    /// `POST /refresh`, by the session the refresh token names (before the store is asked).
+    /// `POST /refresh`, by the session of a refresh token shown genuine (before it is rotated).
     pub async fn check_refresh_session(&self, session: SessionId) -> Result<(), Limited> {
         self.check(self.refresh_session.as_ref(), &session, || session.tag())
             .await

@@ -373,8 +373,10 @@ fn systemd_unit_notifies_checks_the_config_first_and_outlasts_the_drain() {
 
     // The unit runs the repository's config.yaml (its install instructions copy it to the
     // --config path): systemd must wait longer than that file's drain before SIGKILL.
+    // (The install steps live in deploy/systemd/README.md, and in the README's quick start.)
+    let install = read("deploy/systemd/README.md");
     assert!(
-        unit.contains(&format!(
+        install.contains(&format!(
             "install -Dm644 config.yaml {}",
             config_arg(&start)
         )),
@@ -630,35 +632,203 @@ fn helm_values_map_every_config_key_and_pass_the_parser() {
 
 #[test]
 fn helm_probes_use_the_admin_port() {
-    // Templates are not YAML; check the text of the admin branch of the probes.
-    let template = read("deploy/helm/matrix-refresh-proxy/templates/deployment.yaml");
-    let admin_branch = template
-        .split_once(
-            r#"{{- if include "mrp.adminEnabled" . }}
-          readinessProbe:"#,
-        )
+    // Templates are not YAML; check the text of the admin branch of the probes in the
+    // container template (_helpers.tpl, "mrp.container") that both modes include.
+    let squeeze = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let helpers = read("deploy/helm/matrix-refresh-proxy/templates/_helpers.tpl");
+    let template = squeeze(
+        helpers
+            .split_once(r#"{{- define "mrp.container" -}}"#)
+            .expect("mrp.container in _helpers.tpl")
+            .1
+            .split_once(r#"{{- define "#)
+            .unwrap()
+            .0,
+    );
+    let branch = template
+        .split_once(r#"{{- if include "mrp.adminEnabled" . }} readinessProbe:"#)
         .expect("probes under mrp.adminEnabled")
         .1
         .split_once("{{- else }}")
         .unwrap()
         .0;
-    let squeeze = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
-    let branch = squeeze(admin_branch);
     for path in ["/health/ready", "/health/live"] {
         assert!(
             branch.contains(&format!("httpGet: path: {path} port: admin")),
             "{path} not probed on port admin: {branch}"
         );
     }
-    assert!(
-        squeeze(&template)
-            .contains(r#"- name: admin containerPort: {{ include "mrp.adminPort" . }}"#)
-    );
-    let helpers = read("deploy/helm/matrix-refresh-proxy/templates/_helpers.tpl");
+    assert!(template.contains(r#"- name: admin containerPort: {{ include "mrp.adminPort" . }}"#));
     assert!(
         squeeze(&helpers).contains(
             r#"{{- define "mrp.adminPort" -}} {{- include "mrp.port" .Values.config.admin.listen }}"#
         ),
         "the admin containerPort comes from config.admin.listen"
     );
+    // Sidecar mode: the same container, as a native sidecar.
+    assert!(
+        template.contains(r#"{{- if eq .Values.mode "sidecar" }}"#)
+            && template.contains("restartPolicy: Always"),
+        "mrp.container: restartPolicy Always in sidecar mode"
+    );
+    // Both modes include the container and the drain-vs-grace check.
+    for file in ["deployment.yaml", "sidecar.yaml"] {
+        let t = read(&format!(
+            "deploy/helm/matrix-refresh-proxy/templates/{file}"
+        ));
+        assert!(t.contains(r#"include "mrp.container" ."#), "{file}");
+        assert!(t.contains(r#"include "mrp.checkGrace" ."#), "{file}");
+    }
+}
+
+/// Every key path of a JSON schema's object `properties`, with `additionalProperties: false`
+/// at every object level (typos must be rejected, as the proxy's deny_unknown_fields does).
+fn schema_key_paths(prefix: &str, schema: &serde_json::Value, out: &mut BTreeSet<String>) {
+    let Some(props) = schema["properties"].as_object() else {
+        // A limit: { per_second, burst } or "none"/null.
+        if let Some(alts) = schema["oneOf"].as_array() {
+            for a in alts {
+                schema_key_paths(prefix, a, out);
+            }
+        }
+        return;
+    };
+    assert_eq!(
+        schema["additionalProperties"],
+        serde_json::Value::Bool(false),
+        "values.schema.json: {prefix} accepts unknown keys"
+    );
+    for (k, v) in props {
+        let p = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        out.insert(p.clone());
+        schema_key_paths(&p, v, out);
+    }
+}
+
+#[test]
+fn helm_schema_knows_exactly_the_config_keys() {
+    let schema: serde_json::Value =
+        serde_json::from_str(&read("deploy/helm/matrix-refresh-proxy/values.schema.json")).unwrap();
+    assert_eq!(
+        schema["additionalProperties"],
+        serde_json::Value::Bool(false)
+    );
+    let mut in_schema = BTreeSet::new();
+    schema_key_paths("", &schema["properties"]["config"], &mut in_schema);
+    // The shipped config.yaml spells out every key (another test checks that).
+    let shipped: Value = serde_yaml::from_str(&read("config.yaml")).unwrap();
+    let mut in_config = BTreeSet::new();
+    key_paths("", shipped.as_mapping().unwrap(), &mut in_config);
+    // Null in config.yaml, tables when set.
+    for k in [
+        "tls.cert_file",
+        "tls.key_file",
+        "rate_limit.all.per_second",
+        "rate_limit.all.burst",
+    ] {
+        in_config.insert(k.to_owned());
+    }
+    assert_eq!(
+        in_schema, in_config,
+        "values.schema.json vs config.yaml keys"
+    );
+    // Every top-level key of values.yaml is in the schema.
+    let values: Value =
+        serde_yaml::from_str(&read("deploy/helm/matrix-refresh-proxy/values.yaml")).unwrap();
+    for (k, _) in values.as_mapping().unwrap() {
+        let k = k.as_str().unwrap();
+        assert!(
+            schema["properties"][k].is_object(),
+            "values.yaml key {k} not in values.schema.json"
+        );
+    }
+}
+
+#[test]
+fn helm_ci_value_sets_pass_the_parser() {
+    let dir = path("deploy/helm/matrix-refresh-proxy/ci");
+    let values: Value =
+        serde_yaml::from_str(&read("deploy/helm/matrix-refresh-proxy/values.yaml")).unwrap();
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let set: Value = serde_yaml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        // Helm's merge of the set over values.yaml (maps merge, anything else replaces).
+        fn merge(base: &mut Value, over: &Value) {
+            match (base, over) {
+                (Value::Mapping(b), Value::Mapping(o)) => {
+                    for (k, v) in o {
+                        match b.get_mut(k) {
+                            Some(bv) if bv.is_mapping() && v.is_mapping() => merge(bv, v),
+                            _ => {
+                                b.insert(k.clone(), v.clone());
+                            }
+                        }
+                    }
+                }
+                (b, o) => *b = o.clone(),
+            }
+        }
+        let mut merged = values.clone();
+        merge(&mut merged, &set);
+        let text = helm_render_config(merged["config"].clone());
+        let what = p.display().to_string();
+        let tls = text.contains("cert_file");
+        let c = Config::parse(&text, |k| {
+            (k == "MRP_REDIS_URL").then(|| "redis://127.0.0.1:1".to_owned())
+        });
+        match c {
+            Ok(_) => {}
+            // The TLS files are the operator's mounts; scripts/deploy-check.sh parses that set
+            // with stand-in files.
+            Err(e) if tls && e.to_string().contains("cannot read") => {}
+            Err(e) => panic!("{what}: {e}"),
+        }
+        n += 1;
+    }
+    assert!(n >= 6, "{n} value sets");
+}
+
+#[test]
+fn kubernetes_homeserver_container_is_restricted_compatible() {
+    let objects = kube_objects();
+    let pod = pod_spec(&objects);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let containers = pod["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .chain(pod["initContainers"].as_sequence().unwrap());
+    for c in containers {
+        let name = c["name"].as_str().unwrap();
+        let sc = &c["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true, "{name}: runAsNonRoot");
+        assert!(
+            sc["runAsUser"].as_u64().is_some_and(|u| u > 0),
+            "{name}: numeric non-root uid"
+        );
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+        assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{name}");
+    }
+}
+
+#[test]
+fn kubernetes_readme_says_edit_first_before_apply() {
+    let readme = read("deploy/kubernetes/README.md");
+    let edit = readme.find("Edit first").expect("an 'Edit first' section");
+    let apply = readme
+        .find("kubectl apply -f deploy/kubernetes/\n")
+        .expect("the apply command");
+    assert!(
+        edit < apply,
+        "'Edit first' must come before the apply commands"
+    );
+    assert!(readme[edit..apply].contains("CONDUIT_SERVER_NAME"));
 }

@@ -50,35 +50,42 @@ async fn header_token_is_swapped_for_the_upstream_token_and_nothing_else_changes
     assert_eq!(seen.headers["content-type"], "application/json");
     assert!(seen.headers.get("x-hop").is_none());
     assert!(seen.headers.get("keep-alive").is_none());
-    assert_eq!(seen.headers["x-forwarded-for"], "198.51.100.7, 127.0.0.1");
+    // 127.0.0.1 is not a trusted proxy here: the client's own claim is dropped.
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen.headers["x-forwarded-proto"], "http");
     assert_eq!(seen.headers["x-forwarded-host"], "matrix.example.org");
     assert_eq!(seen.json(), json!({"msgtype": "m.text", "body": "hi"}));
 }
 
+/// Issue 9.6: a proxy token in `?access_token=` goes upstream as `Authorization: Bearer`, and the
+/// parameter is removed (long-lived upstream tokens must not land in URL logs).
 #[tokio::test]
-async fn query_token_is_rewritten_in_place() {
+async fn query_token_goes_upstream_in_the_authorization_header() {
     let h = Harness::start().await;
     let v = h.login("alice").await;
     h.hs.clear_requests();
-    let r = h
-        .get(
-            &format!(
-                "/_matrix/client/v3/sync?since=s%2F1&access_token={}&timeout=0",
-                at(&v)
-            ),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 200);
-    let seen = &h.hs.requests()[0];
-    let q = seen.query.as_deref().unwrap();
-    assert!(q.starts_with("since=s%2F1&access_token=syt_fake_"), "{q}");
-    assert!(q.ends_with("&timeout=0"), "{q}");
-    assert!(
-        seen.headers.get("authorization").is_none(),
-        "never both forms upstream"
-    );
+    let token = at(&v);
+    for query in [
+        format!("since=s%2F1&access_token={token}&timeout=0"),
+        format!("access_token={token}"),
+        format!("access_token={token}&a=b%26c"),
+    ] {
+        let r = h
+            .get(&format!("/_matrix/client/v3/sync?{query}"), None)
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let seen = h.hs.requests();
+    assert_eq!(seen.len(), 3);
+    let wants = [Some("since=s%2F1&timeout=0"), None, Some("a=b%26c")];
+    for (s, want) in seen.iter().zip(wants) {
+        assert_eq!(s.query.as_deref(), want);
+        assert!(!s.query.as_deref().unwrap_or("").contains("access_token"));
+        assert_eq!(s.headers.get_all("authorization").iter().count(), 1);
+        let ut = s.bearer().expect("Authorization: Bearer upstream");
+        assert!(FakeHs::is_upstream_token(&ut), "{}", s.path);
+        assert!(h.hs.is_live(&ut));
+    }
 }
 
 #[tokio::test]
@@ -383,5 +390,82 @@ async fn forwarded_proto_of_a_trusted_ingress_is_kept() {
             want,
             "trusted={trusted}"
         );
+    }
+}
+
+/// Issue 9.4: a client not behind a trusted proxy cannot pick the address the homeserver logs and
+/// rate-limits; a trusted proxy's chain is extended with the peer.
+#[tokio::test]
+async fn forwarding_headers_of_untrusted_peers_are_replaced_and_trusted_chains_extended() {
+    for trusted in [false, true] {
+        let extra = if trusted {
+            "trusted_proxies: [\"127.0.0.1\"]\n"
+        } else {
+            ""
+        };
+        let h = Harness::with(
+            ProxyOptions {
+                extra: extra.into(),
+                ..Default::default()
+            },
+            false,
+        )
+        .await;
+        let v = h.login("alice").await;
+        h.hs.clear_requests();
+        let auth = format!("Bearer {}", at(&v));
+        for (path, auth) in [
+            ("/_matrix/client/versions", None),
+            ("/_matrix/client/v3/account/whoami", Some(auth.as_str())),
+        ] {
+            let mut hdrs = vec![
+                ("x-forwarded-for", "198.51.100.7"),
+                ("x-forwarded-for", "203.0.113.1, 192.0.2.2"),
+                ("forwarded", "for=198.51.100.7;proto=https"),
+                ("x-real-ip", "198.51.100.7"),
+            ];
+            if let Some(a) = auth {
+                hdrs.push(("authorization", a));
+            }
+            let r = h.send(Method::GET, path, &hdrs, body("")).await;
+            assert_eq!(r.status, 200, "{path}");
+        }
+        let seen = h.hs.requests();
+        assert_eq!(seen.len(), 2);
+        for s in &seen {
+            let xff: Vec<_> = s.headers.get_all("x-forwarded-for").iter().collect();
+            assert_eq!(xff.len(), 1, "trusted={trusted} {}", s.path);
+            if trusted {
+                assert_eq!(xff[0], "198.51.100.7, 203.0.113.1, 192.0.2.2, 127.0.0.1");
+                assert_eq!(s.headers["forwarded"], "for=198.51.100.7;proto=https");
+                assert_eq!(s.headers["x-real-ip"], "198.51.100.7");
+            } else {
+                assert_eq!(xff[0], "127.0.0.1", "{}", s.path);
+                assert!(s.headers.get("forwarded").is_none(), "{}", s.path);
+                assert!(s.headers.get("x-real-ip").is_none(), "{}", s.path);
+            }
+        }
+        // /login goes upstream too: the same rules.
+        h.hs.clear_requests();
+        let r = h
+            .send(
+                Method::POST,
+                "/_matrix/client/v3/login",
+                &[
+                    ("x-forwarded-for", "198.51.100.7"),
+                    ("x-real-ip", "198.51.100.7"),
+                    ("content-type", "application/json"),
+                ],
+                body(json!({"type": "m.login.password", "user": "bob"}).to_string()),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let s = &h.hs.requests_to("/login")[0];
+        if trusted {
+            assert_eq!(s.headers["x-forwarded-for"], "198.51.100.7, 127.0.0.1");
+        } else {
+            assert_eq!(s.headers["x-forwarded-for"], "127.0.0.1");
+            assert!(s.headers.get("x-real-ip").is_none());
+        }
     }
 }

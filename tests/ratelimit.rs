@@ -20,8 +20,13 @@ const VERSIONS: &str = "/_matrix/client/versions";
 
 /// A harness whose proxy gets `yaml` appended to its config.
 async fn harness(yaml: &str) -> Harness {
+    harness_with_reuse(yaml, true).await
+}
+
+async fn harness_with_reuse(yaml: &str, revoke_on_reuse: bool) -> Harness {
     let o = ProxyOptions {
         extra: format!("{yaml}\n"),
+        revoke_on_reuse,
         ..Default::default()
     };
     Harness::with(o, false).await
@@ -115,7 +120,7 @@ async fn a_limited_refresh_consumes_nothing_and_the_token_works_afterwards() {
     let before = h.redis.dump();
     let r = h.refresh(&rt(&n2)).await;
     let ms = assert_limited(&r, 1000);
-    // A grace replay of the previous token is limited the same way (the limit comes first).
+    // A grace replay of the previous token (genuine: its record opens) is limited the same way.
     assert_limited(&h.refresh(&rt(&n1)).await, 1000);
     assert_eq!(h.redis.dump(), before, "a 429 changed the session store");
     // The access token keeps working meanwhile.
@@ -182,6 +187,47 @@ async fn per_session_refresh_limit_is_independent_of_the_ip() {
     );
 }
 
+/// Issue 9.5: the session id is in clear in every token, so whoever saw one (or an old one) could
+/// make up refresh tokens naming the session and empty its budget, and the owner's /refresh would
+/// answer 429 (a logout for some SDKs). Only a token shown genuine is charged.
+#[tokio::test]
+async fn nobody_else_can_spend_a_session_s_refresh_budget() {
+    let h = harness_with_reuse(
+        "rate_limit:\n  login: {per_second: 100, burst: 100}\n  refresh: {per_second: 0.05, burst: 3}\ntrusted_proxies: ['127.0.0.1']",
+        false,
+    )
+    .await;
+    let v = h.login("victim").await;
+    // An old token, used, whose grace ended when its successor's access token was used.
+    let r = refresh_from(&h, "203.0.113.200", &rt(&v)).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let current = r.json();
+    assert_eq!(h.whoami(&at(&current)).await.status, 200);
+    let sid = ProxyToken::parse_kind(&rt(&v), TokenKind::Refresh)
+        .unwrap()
+        .session();
+    // From many addresses (so the per-IP limit is not what stops them): forged tokens naming
+    // the victim's session, and the victim's spent token.
+    for i in 0..20 {
+        let forged = ProxyToken::generate(TokenKind::Refresh, sid, &mut rand::rngs::OsRng);
+        assert_eq!(forged.session(), sid);
+        let r = refresh_from(&h, &format!("198.51.100.{i}"), forged.expose()).await;
+        assert_unknown_token(&r, false);
+        let r = refresh_from(&h, &format!("192.0.2.{i}"), &rt(&v)).await;
+        assert_eq!(r.status, 401, "{:?}", r.json());
+        assert_eq!(r.errcode(), "M_UNKNOWN_TOKEN");
+    }
+    // The owner's genuine refreshes still have their whole budget (2 left of 3)...
+    let mut s = current;
+    for _ in 0..2 {
+        let r = refresh_from(&h, "203.0.113.200", &rt(&s)).await;
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        s = r.json();
+    }
+    // ...and the limit itself still holds for them.
+    assert_limited(&refresh_from(&h, "203.0.113.200", &rt(&s)).await, 20_000);
+}
+
 #[tokio::test]
 async fn spoofed_x_forwarded_for_from_an_untrusted_peer_changes_nothing() {
     // No trusted proxies (the default): the header is the client's own claim.
@@ -195,10 +241,10 @@ async fn spoofed_x_forwarded_for_from_an_untrusted_peer_changes_nothing() {
         let r = post_with(&h, LOGIN, &[("x-forwarded-for", xff)], plain_login("a")).await;
         assert_limited(&r, 20_000);
     }
-    // The forwarded request still carries the header, with the real peer appended.
+    // The homeserver does not get the client's claim either, only the real peer (issue 9.4).
     let seen = h.hs.requests_to("/login");
     let last = seen.last().unwrap();
-    assert_eq!(last.headers["x-forwarded-for"], "203.0.113.2, 127.0.0.1");
+    assert_eq!(last.headers["x-forwarded-for"], "127.0.0.1");
 }
 
 #[tokio::test]

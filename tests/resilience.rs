@@ -66,6 +66,37 @@ async fn redis_outage_gives_503_then_full_service_with_sessions_intact() {
     assert!(h.proxy.is_running());
 }
 
+/// Issue 9.6: the homeserver logged a device in, the proxy could not store the session and
+/// answers 503; the device must not stay behind, logged in with a token nobody holds.
+#[tokio::test]
+async fn a_login_that_cannot_be_stored_is_logged_out_upstream() {
+    let mut h = Harness::start().await;
+    h.login("alice").await; // the store works until now
+    h.redis.kill();
+    for (path, user) in [
+        ("/_matrix/client/v3/login", "carol"),
+        ("/_matrix/client/v3/register", "erin"),
+    ] {
+        h.hs.clear_requests();
+        let v = if path.ends_with("/login") {
+            json!({"type": "m.login.password", "user": user, "refresh_token": true})
+        } else {
+            json!({"username": user, "auth": {"type": "m.login.dummy"}, "refresh_token": true})
+        };
+        let r = h.post(path, None, v).await;
+        assert_eq!(r.status, 503, "{path}: {:?}", r.body);
+        assert_eq!(h.hs.requests_to(path).len(), 1, "{path}: not forwarded");
+        let logouts = h.hs.requests_to("/logout");
+        assert_eq!(logouts.len(), 1, "{path}: no upstream logout");
+        let lt = logouts[0].bearer().expect("logout with the upstream token");
+        assert!(FakeHs::is_upstream_token(&lt));
+        assert!(!h.hs.is_live(&lt), "{path}: the device is still logged in");
+        assert_eq!(logouts[0].method, Method::POST);
+        assert!(logouts[0].path.ends_with("/_matrix/client/v3/logout"));
+    }
+    assert!(h.proxy.is_running());
+}
+
 #[tokio::test]
 async fn no_token_ever_appears_in_the_logs() {
     let h = Harness::with_access("1s").await;

@@ -50,6 +50,9 @@ pub struct TlsConfig {
 pub struct AdminConfig {
     /// Its address, never the client one; `None` = no admin listener.
     pub listen: Option<SocketAddr>,
+    /// File holding the bearer secret of the operator API (`/admin/v1/...`); `None` = the API
+    /// is off (404) and only `/metrics` and `/health/*` are served.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +85,11 @@ pub struct HttpConfig {
     pub idle_timeout: Duration,
     /// Most client connections open at once; beyond it the proxy stops accepting.
     pub max_connections: usize,
+    /// Time a request body may stall (no byte arriving); a JSON body the proxy reads itself
+    /// must also arrive whole within it. Past it: 408 and the connection is closed.
+    pub body_read_timeout: Duration,
+    /// Most connections open at once from one client IP (the TCP peer); `None` = no cap.
+    pub max_connections_per_ip: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,6 +172,7 @@ struct RawTls {
 struct RawAdmin {
     #[serde(default, deserialize_with = "nullable")]
     listen: Option<Option<String>>,
+    token_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -202,6 +211,9 @@ struct RawHttp {
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<u64>,
+    body_read_timeout: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    max_connections_per_ip: Option<Option<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -444,6 +456,22 @@ impl Config {
             )?,
             idle_timeout: duration("http.idle_timeout", raw.http.idle_timeout.as_deref(), "75s")?,
             max_connections: max_connections as usize,
+            body_read_timeout: duration(
+                "http.body_read_timeout",
+                raw.http.body_read_timeout.as_deref(),
+                "30s",
+            )?,
+            max_connections_per_ip: match raw.http.max_connections_per_ip {
+                None => Some(256),
+                Some(None) | Some(Some(0)) => None,
+                Some(Some(n)) if n <= 1_000_000 => Some(n as usize),
+                Some(Some(_)) => {
+                    return Err(invalid(
+                        "http.max_connections_per_ip",
+                        "must be between 0 (no cap) and 1000000",
+                    ));
+                }
+            },
         };
 
         let level = raw.log.level.unwrap_or_else(|| "info".to_owned());
@@ -466,6 +494,7 @@ impl Config {
 
         let admin = AdminConfig {
             listen: admin_listen(raw.admin.listen, listen)?,
+            token_file: path("admin.token_file", raw.admin.token_file)?,
         };
         let rate_limit = rate_limit::rate_limit(raw.rate_limit)?;
         let trusted_proxies = rate_limit::trusted_proxies(raw.trusted_proxies.unwrap_or_default())?;
@@ -595,6 +624,21 @@ mod tests {
             e.starts_with("tls.cert_file: cannot read /nonexistent/c"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn admin_token_file() {
+        let c = parse("upstream: {url: 'http://hs'}").unwrap();
+        assert_eq!(c.admin.token_file, None);
+        let c = parse(
+            "upstream: {url: 'http://hs'}\nadmin: {token_file: /run/credentials/mrp/admin-token}",
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.token_file,
+            Some(PathBuf::from("/run/credentials/mrp/admin-token"))
+        );
+        assert!(parse("upstream: {url: 'http://hs'}\nadmin: {token_file: ''}").is_err());
     }
 
     #[test]

@@ -62,6 +62,54 @@ impl Activity {
     }
 }
 
+/// Open connections per client IP, for `http.max_connections_per_ip`. An IP's entry goes when
+/// its last connection closes, so the map never holds more entries than open connections.
+pub struct PerIp {
+    cap: usize,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl PerIp {
+    pub fn new(cap: usize, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
+        Arc::new(PerIp {
+            cap,
+            open: Default::default(),
+            metrics,
+        })
+    }
+
+    /// A slot for one more connection from `ip`, or `None` when it holds `cap` already.
+    pub fn acquire(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.cap {
+            drop(open);
+            self.metrics.connection_rejected_per_ip();
+            return None;
+        }
+        *n += 1;
+        self.metrics.set_connection_ips(open.len());
+        Some(IpSlot(self.clone(), ip))
+    }
+}
+
+/// One open connection of an IP, released on drop.
+pub struct IpSlot(Arc<PerIp>, std::net::IpAddr);
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+        self.0.metrics.set_connection_ips(open.len());
+    }
+}
+
 /// A request being handled.
 pub struct InFlight(Arc<Activity>);
 
@@ -140,6 +188,27 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_ip_slots_are_capped_and_entries_removed() {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let p = PerIp::new(2, metrics.clone());
+        let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let a = p.acquire(ip).unwrap();
+        let b = p.acquire(ip).unwrap();
+        assert!(p.acquire(ip).is_none());
+        let other = p.acquire("::1".parse().unwrap()).unwrap();
+        drop(a);
+        let c = p.acquire(ip).unwrap();
+        drop((b, c, other));
+        assert!(p.open.lock().unwrap().is_empty());
+        let m = metrics.encode();
+        assert!(
+            m.contains("mrp_connections_rejected_total{reason=\"per_ip\"} 1"),
+            "{m}"
+        );
+        assert!(m.contains("mrp_connection_tracked_ips 0"), "{m}");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_waits_for_requests_and_bytes() {

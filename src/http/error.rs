@@ -24,6 +24,9 @@ pub enum ApiError {
     InvalidParam(&'static str),
     #[error("Request body too large")]
     TooLarge,
+    /// The request body stalled past `http.body_read_timeout`; the connection is closed.
+    #[error("Timed out reading the request body")]
+    BodyTimeout,
     /// `M_UNKNOWN_TOKEN`; `soft_logout` per spec "Soft logout".
     #[error("{message}")]
     UnknownToken {
@@ -37,6 +40,9 @@ pub enum ApiError {
     Forbidden(&'static str),
     #[error("Unsupported method")]
     MethodNotAllowed,
+    /// No such resource (admin API: unknown session, unknown path).
+    #[error("{0}")]
+    NotFound(&'static str),
     #[error("{0}")]
     BadRequest(&'static str),
     /// The session store is down, on any route but /refresh.
@@ -74,10 +80,12 @@ impl ApiError {
             ApiError::MissingParam(_) => (StatusCode::BAD_REQUEST, "M_MISSING_PARAM"),
             ApiError::InvalidParam(_) => (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"),
             ApiError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
+            ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "M_UNKNOWN"),
             ApiError::UnknownToken { .. } => (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN"),
             ApiError::MissingToken(_) => (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "M_NOT_FOUND"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
             ApiError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN"),
             ApiError::RefreshStoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN"),
@@ -100,10 +108,12 @@ impl ApiError {
             | ApiError::MissingParam(_)
             | ApiError::InvalidParam(_)
             | ApiError::TooLarge
+            | ApiError::BodyTimeout
             | ApiError::UnknownToken { .. }
             | ApiError::MissingToken(_)
             | ApiError::Forbidden(_)
             | ApiError::MethodNotAllowed
+            | ApiError::NotFound(_)
             | ApiError::BadRequest(_)
             | ApiError::UpstreamUnreachable
             | ApiError::UpstreamTimeout
@@ -141,6 +151,10 @@ impl ApiError {
         if let Some(secs) = retry_after_secs {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self == ApiError::BodyTimeout {
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         super::cors(res.headers_mut());
         res
@@ -186,6 +200,9 @@ mod tests {
         .await;
         json_row(ApiError::InvalidParam("x"), 400, "M_INVALID_PARAM").await;
         json_row(ApiError::TooLarge, 413, "M_TOO_LARGE").await;
+        let (_, h, _) = body(ApiError::BodyTimeout).await;
+        assert_eq!(h[header::CONNECTION], "close");
+        json_row(ApiError::BodyTimeout, 408, "M_UNKNOWN").await;
         let v = json_row(
             ApiError::UnknownToken {
                 soft_logout: true,
@@ -209,6 +226,7 @@ mod tests {
         json_row(ApiError::MissingToken("x"), 401, "M_MISSING_TOKEN").await;
         json_row(ApiError::Forbidden("x"), 403, "M_FORBIDDEN").await;
         json_row(ApiError::MethodNotAllowed, 405, "M_UNRECOGNIZED").await;
+        json_row(ApiError::NotFound("x"), 404, "M_NOT_FOUND").await;
         json_row(ApiError::BadRequest("x"), 400, "M_UNKNOWN").await;
         json_row(ApiError::UpstreamUnreachable, 502, "M_UNKNOWN").await;
         json_row(ApiError::UpstreamTimeout, 504, "M_UNKNOWN").await;

@@ -57,7 +57,7 @@ enum Purge {
 
 pub async fn handle(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<super::body::ClientBody>,
     route: Route,
     peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
@@ -97,15 +97,16 @@ pub async fn handle(
                 }
                 Ok(Authenticated::Rejected) => return Err(unknown("Unrecognised access token")),
             };
-            if matches!(presented, Presented::Header(_)) {
-                if !credentials::set_bearer(&mut parts.headers, &auth.upstream_token) {
-                    return Err(ApiError::UpstreamInvalid);
-                }
-            } else {
-                let ut = auth.upstream_token.clone();
+            // Upstream the token always travels in the header, also when the client used
+            // `?access_token=`: long-lived upstream tokens must not land in URL logs (issue 9.6).
+            if !credentials::set_bearer(&mut parts.headers, &auth.upstream_token) {
+                return Err(ApiError::UpstreamInvalid);
+            }
+            if matches!(presented, Presented::Query(_)) {
                 query_out = query
                     .as_deref()
-                    .map(|q| credentials::rewrite_query(q, |_| Some(ut.clone())));
+                    .map(|q| credentials::rewrite_query(q, |_| None))
+                    .filter(|q| !q.is_empty());
             }
             session = Some(auth);
         }
@@ -141,10 +142,7 @@ pub async fn handle(
     let read_body = matches!(route, Route::DeleteDevices | Route::ChangePassword) && user.is_some();
     let (forward_body, purge) = match &route {
         Route::DeleteDevices | Route::ChangePassword if read_body => {
-            let bytes = read_limited(body, app.http.max_json_body)
-                .await
-                .map_err(|_| ApiError::BadRequest("Could not read the request body"))?
-                .ok_or(ApiError::TooLarge)?;
+            let bytes = super::read_body(app, body).await?;
             let v: Option<Value> = serde_json::from_slice(&bytes).ok();
             let purge = if route == Route::DeleteDevices {
                 let devices = v

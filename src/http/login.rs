@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 use super::routes::Route;
@@ -54,7 +53,7 @@ fn is_guest(query: Option<&str>) -> bool {
 
 pub async fn handle(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<super::body::ClientBody>,
     route: Route,
     peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
@@ -82,10 +81,7 @@ pub async fn handle(
     }
 
     let guest = route == Route::Register && is_guest(query.as_deref());
-    let bytes = read_limited(body, app.http.max_json_body)
-        .await
-        .map_err(|_| ApiError::BadRequest("Could not read the request body"))?
-        .ok_or(ApiError::TooLarge)?;
+    let bytes = super::read_body(app, body).await?;
 
     let mut ask = Ask::default();
     let mut forward_bytes = bytes.clone();
@@ -109,6 +105,7 @@ pub async fn handle(
         HeaderValue::from(forward_bytes.len()),
     );
 
+    let request_id = parts.headers.get(&super::request_id::HEADER).cloned();
     let res = app
         .upstream
         .forward(
@@ -176,14 +173,20 @@ pub async fn handle(
         device_id,
     ) {
         (true, Some(ut), Some(user_id), Some(device_id)) => {
-            let pair = app
+            let pair = match app
                 .sessions
                 .mint(&ut, SessionInfo { user_id, device_id })
                 .await
-                .map_err(|e| {
+            {
+                Ok(pair) => pair,
+                Err(e) => {
                     tracing::error!(error = %e, "could not store a new session");
-                    ApiError::StoreUnavailable
-                })?;
+                    // The client gets a 503 and never sees this token: end the device upstream
+                    // rather than leave it behind, logged in, with a token nobody holds.
+                    logout_orphan(app, &ut, request_id.as_ref()).await;
+                    return Err(ApiError::StoreUnavailable);
+                }
+            };
             app.metrics.session_minted(&route);
             obj.insert("access_token".into(), pair.access.expose().into());
             obj.insert("refresh_token".into(), pair.refresh.expose().into());
@@ -202,6 +205,20 @@ pub async fn handle(
         _ => Ok(with_json_body(res_parts, res_bytes.to_vec())),
     };
     res.map(|r| with_user(r, logged_user))
+}
+
+/// Logs out upstream a device whose login the proxy could not store (best effort, logged).
+async fn logout_orphan(app: &App, upstream_token: &str, request_id: Option<&HeaderValue>) {
+    match app.upstream.logout(upstream_token, request_id).await {
+        Ok(true) => tracing::info!("logged out upstream the device of a login that was not stored"),
+        Ok(false) => tracing::warn!(
+            "the homeserver refused to log out the device of a login that was not stored"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not log out upstream the device of a login that was not stored"
+        ),
+    }
 }
 
 #[cfg(test)]

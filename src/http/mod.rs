@@ -1,5 +1,6 @@
 //! The client-facing side: listener, router and the proxy's own answers.
 
+pub mod body;
 mod conn;
 pub mod error;
 mod forward;
@@ -30,6 +31,8 @@ use tokio::sync::Semaphore;
 
 use tracing::Instrument;
 
+use body::ClientBody;
+
 use crate::config::{HttpConfig, TrustedProxies};
 use crate::metrics::{InFlight, Metrics};
 use crate::proxy::Upstream;
@@ -56,8 +59,54 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 }
 
 /// Wraps a client request body for forwarding (streamed, never buffered).
-pub fn stream(b: Incoming) -> Body {
-    b.map_err(Into::into).boxed()
+pub fn stream(b: ClientBody) -> Body {
+    b.boxed()
+}
+
+/// Unread request bodies up to this size are read and discarded before a self-made answer, so
+/// the keep-alive connection stays usable; larger or slower ones get `Connection: close`.
+const DRAIN_LIMIT: usize = 64 * 1024;
+/// Time allowed for that drain.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads a JSON body the proxy handles itself: at most `http.max_json_body` bytes within
+/// `http.body_read_timeout` in all.
+pub async fn read_body(app: &App, body: ClientBody) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(
+        app.http.body_read_timeout,
+        crate::proxy::read_limited(body, app.http.max_json_body),
+    )
+    .await
+    {
+        Err(_) => Err(ApiError::BodyTimeout),
+        Ok(Ok(Some(b))) => Ok(b),
+        Ok(Ok(None)) => Err(ApiError::TooLarge),
+        Ok(Err(e)) if e.is::<body::BodyTimeout>() => Err(ApiError::BodyTimeout),
+        Ok(Err(_)) => Err(ApiError::BadRequest("Could not read the request body")),
+    }
+}
+
+/// Before an HTTP/1 answer goes out while the request body is unread: read and discard a small
+/// rest, or say `Connection: close` (hyper closes such a connection, and a client that was not
+/// told would send its next request into it).
+async fn settle_body(state: &body::BodyState, res: &mut Response<Body>) {
+    if state.done() || res.headers().contains_key(header::CONNECTION) {
+        return;
+    }
+    if let Some(rest) = state.take_leftover() {
+        let small = hyper::body::Body::size_hint(&rest)
+            .upper()
+            .is_some_and(|n| n <= DRAIN_LIMIT as u64);
+        if small
+            && let Ok(Ok(Some(_))) =
+                tokio::time::timeout(DRAIN_TIMEOUT, crate::proxy::read_limited(rest, DRAIN_LIMIT))
+                    .await
+        {
+            return;
+        }
+    }
+    res.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// CORS headers on the proxy's own answers (spec "Web Browser Clients").
@@ -126,7 +175,7 @@ pub struct TrustedPeer(pub bool);
 async fn rate_limit(
     app: &App,
     route: &Route,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     peer: SocketAddr,
 ) -> Result<(), ApiError> {
     let limits = app.limits.load();
@@ -168,8 +217,12 @@ pub fn with_user(mut res: Response<Body>, user_id: Option<String>) -> Response<B
 /// Routes one request, records its metrics and logs one line for it: method, route class,
 /// status, latency, request id and user id when known; never the path, the query or any other
 /// header.
-pub async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let started = Instant::now();
+    let h1 = req.version() <= http::Version::HTTP_11;
+    let (parts, b) = req.into_parts();
+    let (b, body_state) = ClientBody::new(b, app.http.body_read_timeout);
+    let mut req = Request::from_parts(parts, b);
     let in_flight = app.metrics.in_flight();
     // Set on the request before any handler runs, so it is forwarded with it.
     let request_id = RequestId::take_or_generate(req.headers_mut());
@@ -195,7 +248,15 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr)
     .instrument(span)
     .await;
     abandoned.armed = false;
-    let mut res = result.unwrap_or_else(ApiError::into_response);
+    let mut res = match result {
+        Ok(r) => r,
+        // A stalled body cut while streaming surfaces as an upstream failure: it is the client's.
+        Err(_) if body_state.timed_out() => ApiError::BodyTimeout.into_response(),
+        Err(e) => e.into_response(),
+    };
+    if h1 {
+        settle_body(&body_state, &mut res).await;
+    }
     let user = res.extensions_mut().remove::<UserId>();
     res.headers_mut()
         .insert(request_id::HEADER, request_id.header_value());
@@ -298,6 +359,10 @@ pub async fn serve(
     // rest.
     let slots = Arc::new(Semaphore::new(app.http.max_connections));
     let idle_timeout = app.http.idle_timeout;
+    let per_ip = app
+        .http
+        .max_connections_per_ip
+        .map(|cap| conn::PerIp::new(cap, app.metrics.clone()));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -317,6 +382,17 @@ pub async fn serve(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                };
+                // One host cannot hold every slot: past its cap the connection is closed at once.
+                let ip_slot = match &per_ip {
+                    Some(p) => match p.acquire(peer.ip()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            tracing::debug!(peer = %peer.ip(), "connection refused: http.max_connections_per_ip");
+                            continue;
+                        }
+                    },
+                    None => None,
                 };
                 let _ = stream.set_nodelay(true);
                 let activity = conn::Activity::new();
@@ -346,6 +422,7 @@ pub async fn serve(
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let _permit = permit;
+                    let _ip_slot = ip_slot;
                     // TLS: the handshake, bounded like a request head (the slot is held).
                     let Some(io) = crate::tls::accept(acceptor, io, handshake_timeout, peer).await
                     else {

@@ -2,15 +2,16 @@
 //! forwarded: the homeserver has no refresh tokens).
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::{ApiError, App, Body, json_response, with_user};
 use crate::metrics::{PurgeCause, RefreshOutcome};
-use crate::proxy::read_limited;
-use crate::session::{ProxyToken, Refreshed, TokenKind};
+use crate::session::Refreshed;
 
-pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn handle(
+    app: &App,
+    req: Request<super::body::ClientBody>,
+) -> Result<Response<Body>, ApiError> {
     match *req.method() {
         // CORS preflight (spec "Web Browser Clients").
         Method::OPTIONS => return Ok(json_response(StatusCode::OK, &json!({}))),
@@ -18,10 +19,7 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>,
         _ => return Err(ApiError::MethodNotAllowed),
     }
     // No credential is needed and any given is ignored; Content-Type is not required.
-    let bytes = read_limited(req.into_body(), app.http.max_json_body)
-        .await
-        .map_err(|_| ApiError::BadRequest("Could not read the request body"))?
-        .ok_or(ApiError::TooLarge)?;
+    let bytes = super::read_body(app, req.into_body()).await?;
     let body: Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::NotJson)?;
     let obj = body
         .as_object()
@@ -31,27 +29,28 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Result<Response<Body>,
         Some(Value::String(s)) => s,
         Some(_) => return Err(ApiError::InvalidParam("refresh_token must be a string")),
     };
-    // Per session, before the store is asked: a limited refresh never consumes or rotates the
-    // token. Keyed on the session id inside the token, never on the token itself.
-    if let Ok(t) = ProxyToken::parse_kind(rt, TokenKind::Refresh) {
-        app.limits
-            .load()
-            .check_refresh_session(t.session())
-            .await
-            .map_err(|l| {
-                tracing::debug!(
-                    limiter = "refresh_session",
-                    retry_after_ms = l.retry_after_ms(),
-                    "rate limited"
-                );
-                ApiError::from(l)
-            })?;
-    }
-    let outcome = app.sessions.refresh(rt).await.map_err(|e| {
-        tracing::warn!(error = %e, "refresh: session store unavailable");
-        app.metrics.refresh(RefreshOutcome::StoreError);
-        ApiError::RefreshStoreUnavailable
-    })?;
+    // Per session, charged only once the store has shown the token genuine and before anything
+    // is written: a limited refresh consumes or rotates nothing, and a made-up token carrying
+    // someone else's session id (in clear in every token) cannot spend that session's budget.
+    let limits = app.limits.load_full();
+    let gate = |sid| async move { limits.check_refresh_session(sid).await };
+    let outcome = app
+        .sessions
+        .refresh_gated(rt, gate)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "refresh: session store unavailable");
+            app.metrics.refresh(RefreshOutcome::StoreError);
+            ApiError::RefreshStoreUnavailable
+        })?
+        .map_err(|l| {
+            tracing::debug!(
+                limiter = "refresh_session",
+                retry_after_ms = l.retry_after_ms(),
+                "rate limited"
+            );
+            ApiError::from(l)
+        })?;
     match outcome {
         Refreshed::Issued {
             pair,

@@ -35,14 +35,26 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Client-address headers a homeserver may believe. From a peer not in `trusted_proxies` they are
+/// whatever the client made up, so they are dropped (else any client picks the IP the homeserver
+/// logs and rate-limits) and `X-Forwarded-For` is rebuilt from the peer alone.
+const UNTRUSTED_FORWARDING: [&str; 3] = ["x-forwarded-for", "forwarded", "x-real-ip"];
+
 /// Prepares request headers for the homeserver.
-/// - `X-Forwarded-For`: appends the peer, so the homeserver can log and rate-limit real clients.
+/// - `X-Forwarded-For`: from a trusted peer (a proxy in `trusted_proxies`) the peer is appended to
+///   the chain it sent; from any other peer, the client's `X-Forwarded-For`, `Forwarded` and
+///   `X-Real-IP` are dropped and `X-Forwarded-For` is the peer alone.
 /// - `X-Forwarded-Proto`: the scheme the client used (the homeserver builds URLs from it). From a
 ///   peer in `trusted_proxies` (a TLS-terminating ingress) its own `http`/`https` value is kept.
 /// - `X-Forwarded-Host` keeps the client's `Host`, which is replaced by the upstream's own
 ///   authority (the client sets it from the upstream URL) so virtual-hosted homeservers route.
 pub fn prepare_request(h: &mut HeaderMap, peer: IpAddr, proto: &'static str, peer_trusted: bool) {
     remove_hop_by_hop(h);
+    if !peer_trusted {
+        for n in UNTRUSTED_FORWARDING {
+            h.remove(n);
+        }
+    }
     let xfp = HeaderName::from_static("x-forwarded-proto");
     let proto = match h.get(&xfp).map(HeaderValue::as_bytes) {
         Some(b"https") if peer_trusted => "https",
@@ -91,6 +103,8 @@ mod tests {
         );
         h.insert(header::HOST, HeaderValue::from_static("matrix.example.org"));
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.insert("forwarded", HeaderValue::from_static("for=203.0.113.9"));
+        h.insert("x-real-ip", HeaderValue::from_static("203.0.113.9"));
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -105,13 +119,29 @@ mod tests {
             "upgrade",
             "proxy-authorization",
             "host",
+            "forwarded",
+            "x-real-ip",
         ] {
             assert!(!h.contains_key(gone), "{gone} kept");
         }
-        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.0.0.1");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "matrix.example.org");
         assert_eq!(h[header::CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn a_trusted_peer_s_chain_is_extended() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
+        h.insert("forwarded", HeaderValue::from_static("for=203.0.113.9"));
+        h.insert("x-real-ip", HeaderValue::from_static("203.0.113.9"));
+        prepare_request(&mut h, "10.0.0.1".parse().unwrap(), "http", true);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.51.100.1, 10.0.0.1");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["forwarded"], "for=203.0.113.9");
+        assert_eq!(h["x-real-ip"], "203.0.113.9");
     }
 
     #[test]

@@ -186,6 +186,36 @@ impl Upstream {
         }))
     }
 
+    /// `POST /logout` with `token`: ends a device the homeserver just logged in whose session
+    /// the proxy could not store, so it is not left behind with a token nobody holds. Returns
+    /// whether the homeserver answered 2xx; the body is read (bounded) so the connection is reused.
+    pub async fn logout(
+        &self,
+        token: &str,
+        request_id: Option<&HeaderValue>,
+    ) -> Result<bool, UpstreamError> {
+        let uri = self
+            .uri("/_matrix/client/v3/logout", None)
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(full(Bytes::from_static(b"{}")))
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        if !credentials::set_bearer(req.headers_mut(), token) {
+            return Ok(false);
+        }
+        if let Some(id) = request_id {
+            req.headers_mut()
+                .insert(crate::http::request_id::HEADER, id.clone());
+        }
+        let res = self.send(req, UpstreamCall::OrphanLogout).await?;
+        let ok = res.status().is_success();
+        let _ = read_limited(res.into_body(), 64 * 1024).await;
+        Ok(ok)
+    }
+
     /// `GET /_matrix/client/versions` (no credential): the readiness check. Returns the status;
     /// the body is read (bounded) so the connection goes back to the pool.
     pub async fn versions(&self) -> Result<http::StatusCode, UpstreamError> {

@@ -437,8 +437,29 @@ impl<S: TokenStore> Sessions<S> {
 
     /// `POST /refresh` (spec "Refreshing access tokens").
     pub async fn refresh(&self, rt_text: &str) -> Result<Refreshed, StoreError> {
+        let ungated = |_| async { Ok::<(), std::convert::Infallible>(()) };
+        match self.refresh_gated(rt_text, ungated).await? {
+            Ok(r) => Ok(r),
+            Err(never) => match never {},
+        }
+    }
+
+    /// `POST /refresh`, with `gate` (the per-session rate limit) asked once the token is proven
+    /// genuine, i.e. its sealed record opened with the key only the token carries, and before
+    /// anything is written. A session id alone (in clear in every token) never reaches the gate,
+    /// so no third party can spend the session's budget; a refused gate consumes nothing.
+    pub async fn refresh_gated<E, F, Fut>(
+        &self,
+        rt_text: &str,
+        gate: F,
+    ) -> Result<Result<Refreshed, E>, StoreError>
+    where
+        F: FnOnce(SessionId) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+    {
+        let mut gate = Some(gate);
         let Ok(rt) = ProxyToken::parse_kind(rt_text, TokenKind::Refresh) else {
-            return Ok(Refreshed::Unknown);
+            return Ok(Ok(Refreshed::Unknown));
         };
         let now = self.clock.now_ms();
         let sid = rt.session();
@@ -450,18 +471,28 @@ impl<S: TokenStore> Sessions<S> {
         // Two rounds at most: a lost race turns the state into Grace (or a terminal state).
         for _ in 0..2 {
             match record {
-                RefreshRecord::Unknown => return Ok(Refreshed::Unknown),
-                RefreshRecord::Expired => return Ok(Refreshed::Expired),
+                RefreshRecord::Unknown => return Ok(Ok(Refreshed::Unknown)),
+                RefreshRecord::Expired => return Ok(Ok(Refreshed::Expired)),
                 RefreshRecord::Reused { info, revoked } => {
                     if revoked {
                         self.store.unindex_session(&info.user_id, sid).await?;
                     }
-                    return Ok(Refreshed::Reused { info, revoked });
+                    return Ok(Ok(Refreshed::Reused { info, revoked }));
                 }
                 RefreshRecord::Grace {
                     sealed_successor,
                     access_expires_at,
-                } => return Ok(self.replay(&rt, &id, &sealed_successor, access_expires_at, now)),
+                } => {
+                    let replayed = self.replay(&rt, &id, &sealed_successor, access_expires_at, now);
+                    // Only a token whose grace record opened is charged; a replay writes nothing.
+                    if matches!(replayed, Refreshed::Issued { .. })
+                        && let Some(g) = gate.take()
+                        && let Err(e) = g(sid).await
+                    {
+                        return Ok(Err(e));
+                    }
+                    return Ok(Ok(replayed));
+                }
                 RefreshRecord::Live {
                     sealed_upstream,
                     info,
@@ -474,8 +505,14 @@ impl<S: TokenStore> Sessions<S> {
                         tracing::warn!(
                             "refresh token record failed to authenticate; treating as unknown"
                         );
-                        return Ok(Refreshed::Unknown);
+                        return Ok(Ok(Refreshed::Unknown));
                     };
+                    // Genuine: charge the session's budget before anything is written.
+                    if let Some(g) = gate.take()
+                        && let Err(e) = g(sid).await
+                    {
+                        return Ok(Err(e));
+                    }
                     // New tokens never outlive the session's absolute end (see `new_pair`).
                     let (pair, access, refresh, ttl) = self.new_pair(sid, &ut, now, ends_at);
                     let successor = format!("{}\n{}", pair.access.expose(), pair.refresh.expose());
@@ -499,18 +536,18 @@ impl<S: TokenStore> Sessions<S> {
                             if let Err(e) = self.store.index_session(&info, sid, ttl, now).await {
                                 tracing::warn!(error = %e, "could not extend the user index TTL");
                             }
-                            return Ok(Refreshed::Issued {
+                            return Ok(Ok(Refreshed::Issued {
                                 pair,
                                 replay: false,
                                 owner: Some(info),
-                            });
+                            }));
                         }
                         RotateResult::Lost(other) => record = other,
                     }
                 }
             }
         }
-        Ok(Refreshed::Unknown)
+        Ok(Ok(Refreshed::Unknown))
     }
 
     fn replay(

@@ -475,3 +475,10 @@ impl SharedLimiter for RedisStore {
         }
     }
 }
+
+impl RedisStore {
+    /// The connection, for the operator views in [`super::sessions_view`].
+    pub(super) fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+}

@@ -339,6 +339,12 @@ class Proxy:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api = Api(self.base_url)
+        # The operator session API (admin.token_file) on a known admin port.
+        self.admin_port = free_port()
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.admin_token = secrets.token_urlsafe(32)
+        self.admin_token_file = workdir / "admin-token"
+        self.admin_token_file.write_text(self.admin_token + "\n")
         self.log = LogFile(name, workdir / "proxy.log")
         LOGS.append(self.log)
         self.proc: subprocess.Popen | None = None
@@ -359,7 +365,8 @@ tokens:
   session_lifetime: {dur(session_lifetime)}
   revoke_session_on_reuse: true
 admin:
-  listen: "127.0.0.1:0"
+  listen: "127.0.0.1:{self.admin_port}"
+  token_file: "{self.admin_token_file}"
 # the suite logs in and refreshes from one address far more often than a real client does:
 # raised like Synapse's limits above, but left on so every request still passes the limiters
 rate_limit:

