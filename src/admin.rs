@@ -20,8 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 
+use crate::app::App;
 use crate::body::{Body, full};
-use crate::http::App;
 use crate::session::TokenStore;
 use crate::upstream::UpstreamError;
 

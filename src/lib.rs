@@ -3,12 +3,13 @@
 //! See `DESIGN.md` in the shared folder for the behaviour contract, and README.md for operation.
 
 pub mod admin;
+pub mod app;
 pub mod body;
 pub mod config;
-pub mod http;
 pub mod lifecycle;
 pub mod matrix;
 pub mod ratelimit;
+pub mod server;
 pub mod session;
 pub mod store;
 pub mod telemetry;
@@ -21,13 +22,10 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::app::App;
 use crate::config::Config;
-use crate::http::App;
-use crate::ratelimit::{AbortOnDrop, HOUSEKEEPING_INTERVAL, RateLimits};
-use crate::session::{Sessions, SystemClock};
-use crate::store::{Instrumented, RedisSettings, RedisStore};
-use crate::telemetry::metrics::Metrics;
-use crate::upstream::Upstream;
+use crate::lifecycle::AbortOnDrop;
+use crate::ratelimit::HOUSEKEEPING_INTERVAL;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -37,10 +35,8 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("redis: {0}")]
-    Store(#[from] session::StoreError),
-    #[error("tls: {0}")]
-    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    App(#[from] app::AppError),
     #[error("{0}")]
     AdminSecret(#[from] admin::api::SecretError),
     #[error("cannot install the SIGHUP handler: {0}")]
@@ -49,42 +45,6 @@ pub enum RunError {
 
 /// How often `mrp_sessions_alive` is sampled (one SCAN pass over the session records).
 const SESSIONS_ALIVE_SAMPLE: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Builds the application state from a validated config.
-pub fn app(config: &Config) -> Result<App, RunError> {
-    // For the TLS configs libraries build themselves (rediss://).
-    tls::install_default_provider();
-    let store = RedisStore::new(&RedisSettings {
-        url: config.redis.url.clone(),
-        connect_timeout: config.redis.connect_timeout,
-        response_timeout: config.redis.response_timeout,
-        ca_file: config.redis.ca_file.clone(),
-    })?;
-    let metrics = Arc::new(Metrics::new());
-    // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
-    let limits =
-        arc_swap::ArcSwap::from_pointee(RateLimits::new(&config.rate_limit, store.clone()));
-    let sessions = Sessions::new(
-        Instrumented::new(store.clone(), metrics.clone()),
-        config.tokens,
-        Arc::new(SystemClock),
-        Box::new(rand::rngs::OsRng),
-    );
-    Ok(App {
-        sessions,
-        upstream: Upstream::new(&config.upstream, metrics.clone())?,
-        http: config.http.clone(),
-        metrics,
-        redis: store,
-        limits,
-        draining: std::sync::atomic::AtomicBool::new(false),
-        trusted_proxies: config.trusted_proxies.clone(),
-        tls: match &config.tls {
-            Some(files) => Some(Arc::new(tls::ServerTls::load(files)?)),
-            None => None,
-        },
-    })
-}
 
 async fn bind(addr: std::net::SocketAddr) -> Result<(TcpListener, std::net::SocketAddr), RunError> {
     let bind_error = |source| RunError::Bind { addr, source };
@@ -106,7 +66,7 @@ pub async fn run(
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
-    let app = Arc::new(app(&config)?);
+    let app = Arc::new(App::new(&config)?);
     let admin_api = match &config.admin.token_file {
         Some(path) => Some(admin::api::AdminApi::from_file(path)?),
         None => None,
@@ -151,7 +111,7 @@ pub async fn run(
         shutdown.await;
         lifecycle::stopping(&draining);
     };
-    http::serve(listener, app, shutdown, config.shutdown_timeout).await;
+    server::serve(listener, app, shutdown, config.shutdown_timeout).await;
     let _ = stop_admin.send(());
     if let Some(task) = admin_task {
         let _ = task.await;

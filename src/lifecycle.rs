@@ -10,10 +10,20 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
+use crate::app::App;
 use crate::config::Config;
-use crate::http::App;
 use crate::ratelimit::RateLimits;
 use crate::session::TokenStore;
+
+/// A background task's handle that aborts the task when dropped: `run` holds one per task, so
+/// they stop with the server.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 fn notify(state: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(state) {

@@ -26,10 +26,11 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::app::App;
 use crate::body::Body;
-use crate::http::error::ApiError;
-use crate::http::{App, json_response};
 use crate::matrix::purge::PurgeCause;
+use crate::server::ApiError;
+use crate::server::response::json_response;
 use crate::session::{SessionId, TokenStore};
 
 /// Calls per second per caller IP, sustained.

@@ -294,15 +294,6 @@ where
     }
 }
 
-/// A task handle that aborts the task when dropped (stops housekeeping with the server).
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,10 +582,10 @@ mod tests {
         let l = Arc::new(l);
         l.check_login(ip("203.0.113.1")).await.unwrap();
         let current = l.clone();
-        let task = AbortOnDrop(tokio::spawn(housekeeping(
+        let task = tokio::spawn(housekeeping(
             move || current.clone(),
             Duration::from_secs(30),
-        )));
+        ));
         clock.advance(Duration::from_secs(60));
         assert_eq!(l.key_counts()[1], ("login", 1));
         // Wait (in paused tokio time) for one tick; the sweep runs on the blocking pool.
@@ -605,7 +596,7 @@ mod tests {
             }
         }
         assert_eq!(l.key_counts()[1], ("login", 0));
-        drop(task);
+        task.abort();
     }
 
     #[test]

@@ -196,7 +196,7 @@ impl ApiError {
             res.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        super::cors(res.headers_mut());
+        super::response::cors(res.headers_mut());
         res
     }
 }

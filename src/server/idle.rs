@@ -38,10 +38,10 @@ impl Activity {
     }
 
     /// Marks a request in flight until the guard drops.
-    pub fn request(self: &Arc<Self>) -> InFlight {
+    pub fn request(self: &Arc<Self>) -> ActiveRequest {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.touch();
-        InFlight(self.clone())
+        ActiveRequest(self.clone())
     }
 
     /// Resolves once the connection has been idle for `timeout`.
@@ -110,10 +110,10 @@ impl Drop for IpSlot {
     }
 }
 
-/// A request being handled.
-pub struct InFlight(Arc<Activity>);
+/// A request being handled on the connection (the connection is not idle while one is).
+pub struct ActiveRequest(Arc<Activity>);
 
-impl Drop for InFlight {
+impl Drop for ActiveRequest {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);

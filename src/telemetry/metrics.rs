@@ -409,9 +409,9 @@ impl Metrics {
     }
 
     /// Counts a request in flight until the returned guard is dropped.
-    pub fn in_flight(&self) -> InFlight {
+    pub fn in_flight(&self) -> InFlightGauge {
         self.in_flight.inc();
-        InFlight(self.in_flight.clone())
+        InFlightGauge(self.in_flight.clone())
     }
 
     /// A homeserver call that got response headers after `took`.
@@ -580,9 +580,9 @@ impl RecentCounter {
 
 /// Holds one unit of the in-flight gauge; dropping it releases it.
 #[derive(Debug)]
-pub struct InFlight(Gauge);
+pub struct InFlightGauge(Gauge);
 
-impl Drop for InFlight {
+impl Drop for InFlightGauge {
     fn drop(&mut self) {
         self.0.dec();
     }

@@ -1,0 +1,156 @@
+//! The client listener: accept loop, connection caps (all, and per client IP), the TLS
+//! handshake, idle keep-alive closing, and the graceful drain at shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use super::idle::{Activity, IpSlot, PerIp, TrackedIo};
+use super::request::handle;
+use crate::app::App;
+use crate::config::HttpConfig;
+use crate::upstream::{ClientConn, ClientScheme};
+
+/// Largest request head (request line and headers) the proxy accepts.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The connection builder: HTTP/1 and HTTP/2, each with a timer (without one hyper's
+/// header-read timeout is silently off) and a bounded request head (431 beyond it).
+fn builder(http: &HttpConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(http.header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_concurrent_streams(256);
+    builder
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains open connections for at
+/// most `drain` (in-flight requests, long polls included, complete).
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    let builder = builder(&app.http);
+    let graceful = GracefulShutdown::new();
+    // Past this many open connections the proxy stops accepting; the kernel backlog queues the
+    // rest.
+    let slots = Arc::new(Semaphore::new(app.http.max_connections));
+    let per_ip = app
+        .http
+        .max_connections_per_ip
+        .map(|cap| PerIp::new(cap, app.metrics.clone()));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // One host cannot hold every slot: past its cap the connection is closed at once.
+                let ip_slot = match &per_ip {
+                    Some(p) => match p.acquire(peer.ip()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            tracing::debug!(peer = %peer.ip(), "connection refused: http.max_connections_per_ip");
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                // The certificate in force now; a reload affects later connections only.
+                let acceptor = app.tls.as_ref().map(|t| t.acceptor());
+                let slots = (permit, ip_slot);
+                let conn = (stream, peer, acceptor);
+                tokio::spawn(serve_connection(app.clone(), conn, slots, builder.clone(), graceful.watcher()));
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining connections");
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed; closing remaining connections");
+    }
+}
+
+/// One accepted connection, holding its slots until it closes: the TLS handshake (bounded like
+/// a request head), then requests until the client closes, the drain ends it, or it is idle.
+async fn serve_connection(
+    app: Arc<App>,
+    (stream, peer, acceptor): (TcpStream, SocketAddr, Option<TlsAcceptor>),
+    _slots: (OwnedSemaphorePermit, Option<IpSlot>),
+    builder: auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+) {
+    let _ = stream.set_nodelay(true);
+    let conn = ClientConn {
+        peer,
+        scheme: match acceptor {
+            Some(_) => ClientScheme::Https,
+            None => ClientScheme::Http,
+        },
+        trusted: app.trusted_proxies.contains(peer.ip()),
+    };
+    let handshake_timeout = app.http.header_read_timeout;
+    let idle_timeout = app.http.idle_timeout;
+    let activity = Activity::new();
+    let act = activity.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let app = app.clone();
+        let active = act.request();
+        async move {
+            let res = handle(app, req, conn).await;
+            drop(active);
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let io = TrackedIo::new(stream, activity.clone());
+    let Some(io) = crate::tls::accept(acceptor, io, handshake_timeout, peer).await else {
+        return;
+    };
+    let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!(error = %e, "connection ended with an error");
+        },
+        // Nothing in flight and nothing moving: close (no request is cut).
+        () = activity.idle(idle_timeout) => tracing::debug!("closed an idle connection"),
+    }
+}
