@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_hs;
+pub mod ha;
 pub mod redis;
 pub mod tls;
 
