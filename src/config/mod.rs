@@ -68,11 +68,50 @@ pub struct UpstreamConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RedisConfig {
+    /// The single node (`redis.url`); the default when neither Sentinel nor Cluster is set.
     pub url: String,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     /// For a `rediss://` URL: the CA bundle (PEM) to trust instead of the system roots.
     pub ca_file: Option<PathBuf>,
+    /// Which Redis deployment: `url`, Sentinel or Cluster.
+    pub topology: RedisTopology,
+    /// Replicas that must hold a login's or refresh's write before it is answered (`WAIT`);
+    /// 0 = answer as soon as the master has it.
+    pub min_replicas_acked: u32,
+    /// How long `WAIT` may take; past it the client gets 503 and retries.
+    pub replica_ack_timeout: Duration,
+}
+
+/// The Redis deployment the proxy talks to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// One node at `redis.url` (redis-rs reconnects to that address).
+    Single,
+    /// A master found through Sentinel, followed across failovers.
+    Sentinel(SentinelConfig),
+    /// A Redis Cluster, slots followed by redis-rs' cluster client.
+    Cluster(ClusterConfig),
+}
+
+/// `redis.sentinel`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentinelConfig {
+    /// The name the Sentinels monitor the master under (`sentinel monitor <name> …`).
+    pub master_name: String,
+    /// Sentinel addresses (`host:port`), asked in order.
+    pub nodes: Vec<(String, u16)>,
+    /// File holding the password of the Redis master and replicas (not of the Sentinels).
+    pub password_file: Option<PathBuf>,
+}
+
+/// `redis.cluster`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Seed nodes (`host:port`); give them all, so start-up works with any of them down.
+    pub nodes: Vec<(String, u16)>,
+    /// File holding the password of the cluster nodes.
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -191,6 +230,25 @@ struct RawRedis {
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
     ca_file: Option<String>,
+    sentinel: Option<RawSentinel>,
+    cluster: Option<RawCluster>,
+    min_replicas_acked: Option<u32>,
+    replica_ack_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSentinel {
+    master_name: Option<String>,
+    nodes: Option<Vec<String>>,
+    password_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    nodes: Option<Vec<String>>,
+    password_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -292,6 +350,20 @@ impl Config {
         if let Some(ca) = &self.redis.ca_file {
             crate::tls::read_ca_bundle(ca).map_err(named("redis.ca_file"))?;
         }
+        let password = match &self.redis.topology {
+            RedisTopology::Single => None,
+            RedisTopology::Sentinel(s) => s
+                .password_file
+                .as_ref()
+                .map(|p| ("redis.sentinel.password_file", p)),
+            RedisTopology::Cluster(c) => c
+                .password_file
+                .as_ref()
+                .map(|p| ("redis.cluster.password_file", p)),
+        };
+        if let Some((key, p)) = password {
+            read_password(p).map_err(|e| invalid(key, e))?;
+        }
         Ok(())
     }
 
@@ -381,6 +453,28 @@ impl Config {
             )?,
         };
 
+        let topology = redis_topology(&raw.redis)?;
+        if topology != RedisTopology::Single {
+            let other = if matches!(topology, RedisTopology::Sentinel(_)) {
+                "redis.sentinel"
+            } else {
+                "redis.cluster"
+            };
+            if raw.redis.url.is_some() {
+                return Err(invalid(
+                    "redis.url",
+                    format!(
+                        "set together with {other} (use one of them; MRP_REDIS_URL counts too)"
+                    ),
+                ));
+            }
+            if raw.redis.ca_file.is_some() {
+                return Err(invalid(
+                    "redis.ca_file",
+                    format!("only for a rediss:// redis.url, not with {other}"),
+                ));
+            }
+        }
         let redis_url = raw
             .redis
             .url
@@ -407,7 +501,26 @@ impl Config {
                 raw.redis.response_timeout.as_deref(),
                 "2s",
             )?,
+            topology,
+            min_replicas_acked: raw.redis.min_replicas_acked.unwrap_or(0),
+            replica_ack_timeout: duration(
+                "redis.replica_ack_timeout",
+                raw.redis.replica_ack_timeout.as_deref(),
+                "500ms",
+            )?,
         };
+        if redis.min_replicas_acked > 16 {
+            return Err(invalid(
+                "redis.min_replicas_acked",
+                "must be between 0 and 16 (replicas of one master)",
+            ));
+        }
+        if redis.replica_ack_timeout >= redis.response_timeout {
+            return Err(invalid(
+                "redis.replica_ack_timeout",
+                "must be shorter than redis.response_timeout (WAIT runs inside it)",
+            ));
+        }
 
         let t = raw.tokens;
         let tokens = Lifetimes {
@@ -514,6 +627,69 @@ impl Config {
             tls,
         })
     }
+}
+
+/// `host:port` of a Sentinel or cluster node.
+fn host_port(key: &str, s: &str) -> Result<(String, u16), ConfigError> {
+    let bad = || invalid(key, format!("not host:port: {s:?}"));
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 || host.contains('/') {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
+fn node_list(key: &str, v: Option<Vec<String>>) -> Result<Vec<(String, u16)>, ConfigError> {
+    let v = v.unwrap_or_default();
+    if v.is_empty() {
+        return Err(invalid(key, "missing (a list of host:port)"));
+    }
+    v.iter().map(|s| host_port(key, s)).collect()
+}
+
+/// `redis.sentinel` / `redis.cluster`: at most one of them.
+fn redis_topology(raw: &RawRedis) -> Result<RedisTopology, ConfigError> {
+    match (&raw.sentinel, &raw.cluster) {
+        (Some(_), Some(_)) => Err(invalid(
+            "redis.cluster",
+            "set together with redis.sentinel (use one of them)",
+        )),
+        (Some(s), None) => {
+            let master_name = s
+                .master_name
+                .clone()
+                .filter(|n| !n.trim().is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        "redis.sentinel.master_name",
+                        "missing (the name in `sentinel monitor <name> …`)",
+                    )
+                })?;
+            Ok(RedisTopology::Sentinel(SentinelConfig {
+                master_name,
+                nodes: node_list("redis.sentinel.nodes", s.nodes.clone())?,
+                password_file: path("redis.sentinel.password_file", s.password_file.clone())?,
+            }))
+        }
+        (None, Some(c)) => Ok(RedisTopology::Cluster(ClusterConfig {
+            nodes: node_list("redis.cluster.nodes", c.nodes.clone())?,
+            password_file: path("redis.cluster.password_file", c.password_file.clone())?,
+        })),
+        (None, None) => Ok(RedisTopology::Single),
+    }
+}
+
+/// Reads a password file: its first line, which must not be empty.
+pub fn read_password(p: &Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    let pw = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if pw.is_empty() {
+        return Err(format!("{} is empty", p.display()));
+    }
+    Ok(pw.to_owned())
 }
 
 /// An optional file path: absent or `null` = none; empty is an error.
