@@ -163,7 +163,7 @@ async fn worker(
             }
             Some(i) => {
                 let t = stats.sessions.lock().unwrap()[i].clone();
-                if step % 4 == 0 {
+                if step.is_multiple_of(4) {
                     let r = send(
                         &c,
                         Method::POST,
@@ -201,7 +201,7 @@ async fn worker(
                         _ => stats.unexpected("whoami", &r),
                     }
                 }
-                if step % 24 == 0 {
+                if step.is_multiple_of(24) {
                     current = None;
                 }
             }
@@ -493,4 +493,76 @@ async fn sentinel_failover_and_killed_master_lose_nothing() {
     assert_clean(&stats, lost);
     logout_is_seen_by_the_other_replica(&urls).await;
     assert!(a.logs().contains("Sentinel master changed"), "{}", a.logs());
+}
+
+/// Two more proxies with `rate_limit.backend: redis` on the same Redis share one login budget
+/// (burst 4, practically no refill) whatever proxy a client reaches.
+async fn shared_login_budget(hs: &FakeHs, location: &str) {
+    let o = ProxyOptions {
+        extra: "rate_limit:\n  backend: redis\n  login: {per_second: 0.01, burst: 4}\n".to_owned(),
+        ..Default::default()
+    };
+    let p = [
+        ProxyProcess::start_on(&hs.url(), location, &o),
+        ProxyProcess::start_on(&hs.url(), location, &o),
+    ];
+    let c = client();
+    let mut allowed = 0;
+    for i in 0..10 {
+        let r = send(
+            &c,
+            Method::POST,
+            &format!("{}{LOGIN}", p[i % 2].url()),
+            None,
+            Some(json!({"type": "m.login.password", "user": "rl"})),
+        )
+        .await;
+        match r.status.as_u16() {
+            200 => allowed += 1,
+            429 => {}
+            s => panic!("login: {s} {:?}", r.json()),
+        }
+    }
+    // Each proxy alone would allow 4 (its local limit): the shared budget allows 4 in all.
+    assert_eq!(allowed, 4, "logins allowed by two replicas sharing burst 4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_slot_migration_loses_nothing() {
+    let cluster = ClusterSetup::start(3);
+    let hs = FakeHs::start().await;
+    let loc = cluster_location(&cluster);
+    let o = ha_options(0);
+    let a = ProxyProcess::start_on(&hs.url(), &loc, &o);
+    let b = ProxyProcess::start_on(&hs.url(), &loc, &o);
+    let urls = vec![a.url(), b.url()];
+    wait_service(&urls, Duration::from_secs(10)).await;
+
+    let load = Load::start(urls.clone(), 6);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (from, to) = (cluster.nodes[0].port, cluster.nodes[1].port);
+    let keys = |port| cli(port, &["DBSIZE"]).trim().parse::<i64>().unwrap();
+    let before = keys(from);
+    let t = Instant::now();
+    // A fifth of the first node's slots, keys and all, while the load goes on.
+    tokio::task::block_in_place(|| cluster.reshard(from, to, 1100));
+    let moved = t.elapsed();
+    let keys_moved = before - keys(from);
+    assert!(keys_moved > 0, "no session keys were in the moved slots");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let elapsed = load.started.elapsed();
+    let stats = load.stop().await;
+    let lost = check_sessions(&stats, &urls).await;
+    report(
+        "cluster reshard 1100 slots",
+        &stats,
+        &format!(
+            "migration took {moved:?} (about {keys_moved} keys moved off the node), sessions checked {}, lost {lost}",
+            stats.sessions.lock().unwrap().len()
+        ),
+        elapsed,
+    );
+    assert_clean(&stats, lost);
+    logout_is_seen_by_the_other_replica(&urls).await;
+    shared_login_budget(&hs, &loc).await;
 }

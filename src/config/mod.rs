@@ -855,6 +855,59 @@ mod tests {
     }
 
     #[test]
+    fn redis_sentinel_and_cluster() {
+        let c = parse(
+            "upstream: {url: 'http://hs'}\nredis:\n  sentinel: {master_name: mrp, nodes: ['10.0.0.1:26379', '[::1]:26380'], password_file: /run/pw}\n  min_replicas_acked: 1",
+        )
+        .unwrap();
+        assert_eq!(
+            c.redis.topology,
+            RedisTopology::Sentinel(SentinelConfig {
+                master_name: "mrp".into(),
+                nodes: vec![("10.0.0.1".into(), 26379), ("::1".into(), 26380)],
+                password_file: Some(PathBuf::from("/run/pw")),
+            })
+        );
+        assert_eq!(c.redis.min_replicas_acked, 1);
+        assert_eq!(c.redis.replica_ack_timeout, Duration::from_millis(500));
+        let c =
+            parse("upstream: {url: 'http://hs'}\nredis: {cluster: {nodes: ['a:7000', 'b:7001']}}")
+                .unwrap();
+        assert_eq!(
+            c.redis.topology,
+            RedisTopology::Cluster(ClusterConfig {
+                nodes: vec![("a".into(), 7000), ("b".into(), 7001)],
+                password_file: None,
+            })
+        );
+        let c = parse("upstream: {url: 'http://hs'}").unwrap();
+        assert_eq!(c.redis.topology, RedisTopology::Single);
+        assert_eq!(c.redis.min_replicas_acked, 0);
+        // MRP_REDIS_URL is a redis.url too.
+        let e = Config::parse(
+            "upstream: {url: 'http://hs'}\nredis: {cluster: {nodes: ['a:7000']}}",
+            |k| (k == "MRP_REDIS_URL").then(|| "redis://x".to_owned()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("MRP_REDIS_URL"), "{e}");
+        // check_files reads the password file.
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        let text = format!(
+            "upstream: {{url: 'http://hs'}}\nredis: {{sentinel: {{master_name: m, nodes: ['s:1'], password_file: '{}'}}}}",
+            pw.display()
+        );
+        let c = parse(&text).unwrap();
+        let e = c.check_files().unwrap_err().to_string();
+        assert!(e.contains("redis.sentinel.password_file"), "{e}");
+        std::fs::write(&pw, "\n").unwrap();
+        assert!(c.check_files().unwrap_err().to_string().contains("empty"));
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        c.check_files().unwrap();
+        assert_eq!(read_password(&pw).unwrap(), "s3cret");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("upstream: {url: 'http://hs'}\nlisten: nope", "listen"),
@@ -930,6 +983,46 @@ mod tests {
             (
                 "upstream: {url: 'http://hs'}\nredis: {url: 'redis://r', ca_file: ca.pem}",
                 "redis.ca_file",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {url: 'redis://r', sentinel: {master_name: m, nodes: ['s:26379']}}",
+                "redis.url",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {sentinel: {master_name: m, nodes: ['s:1']}, cluster: {nodes: ['c:1']}}",
+                "redis.cluster",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {sentinel: {nodes: ['s:26379']}}",
+                "redis.sentinel.master_name",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {sentinel: {master_name: m, nodes: []}}",
+                "redis.sentinel.nodes",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {sentinel: {master_name: m, nodes: ['s']}}",
+                "redis.sentinel.nodes",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {cluster: {nodes: ['c:99999']}}",
+                "redis.cluster.nodes",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {cluster: {nodes: ['c:1'], seeds: 2}}",
+                "unknown field",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {cluster: {nodes: ['c:1']}, ca_file: ca.pem}",
+                "redis.ca_file",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {min_replicas_acked: 17}",
+                "redis.min_replicas_acked",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {replica_ack_timeout: 2s}",
+                "redis.replica_ack_timeout",
             ),
         ];
         for (text, key) in cases {
