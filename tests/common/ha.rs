@@ -387,6 +387,51 @@ impl ClusterSetup {
         panic!("no owner for slot {slot}: {slots}");
     }
 
+    /// Keys the node on `port` holds in `slots` (one `redis-cli` fed a pipeline of
+    /// `CLUSTER COUNTKEYSINSLOT`).
+    pub fn keys_in_slots(&self, port: u16, slots: std::ops::Range<u16>) -> u64 {
+        use std::io::Write;
+        let mut child = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("redis-cli");
+        let mut input = String::new();
+        for s in slots {
+            input.push_str(&format!("CLUSTER COUNTKEYSINSLOT {s}\n"));
+        }
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .sum()
+    }
+
+    /// The first slot range the node on `port` serves (`start..end+1`).
+    pub fn first_range(&self, port: u16) -> std::ops::Range<u16> {
+        let slots = cli(self.nodes[0].port, &["CLUSTER", "SLOTS"]);
+        let lines: Vec<&str> = slots.lines().collect();
+        for i in 0..lines.len().saturating_sub(3) {
+            if let (Ok(start), Ok(end), Ok(p)) = (
+                lines[i].parse::<u16>(),
+                lines[i + 1].parse::<u16>(),
+                lines[i + 3].parse::<u16>(),
+            ) && lines[i + 2].starts_with("127.")
+                && p == port
+            {
+                return start..end + 1;
+            }
+        }
+        panic!("node {port} serves no slots: {slots}");
+    }
+
     /// Moves `slots` slots from the node on `from` to the node on `to` with
     /// `redis-cli --cluster reshard` (keys migrated with MIGRATE while clients keep going).
     pub fn reshard(&self, from: u16, to: u16, slots: u32) -> std::process::Output {
