@@ -401,6 +401,10 @@ fn cluster_location(c: &ClusterSetup) -> String {
     format!("  cluster:\n    nodes: [{}]\n", nodes.join(", "))
 }
 
+/// The HA tests run one at a time: each starts several redis-server processes and a steady load
+/// on 2 shared cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn ha_options(min_replicas_acked: u32) -> ProxyOptions {
     ProxyOptions {
         redis_extra: format!(
@@ -414,6 +418,7 @@ fn ha_options(min_replicas_acked: u32) -> ProxyOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_and_killed_master_lose_nothing() {
+    let _serial = SERIAL.lock().await;
     let mut s = SentinelSetup::start(1);
     let hs = FakeHs::start().await;
     let loc = sentinel_location(&s);
@@ -529,6 +534,7 @@ async fn shared_login_budget(hs: &FakeHs, location: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_slot_migration_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     let cluster = ClusterSetup::start(3);
     let hs = FakeHs::start().await;
     let loc = cluster_location(&cluster);

@@ -42,15 +42,19 @@ pub fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
     })
 }
 
-fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+fn try_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if ok() {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("timed out waiting for {what}");
+    false
+}
+
+fn wait_until(what: &str, limit: Duration, ok: impl FnMut() -> bool) {
+    assert!(try_until(limit, ok), "timed out waiting for {what}");
 }
 
 /// One `redis-server` process (a data node or a Sentinel).
@@ -118,6 +122,14 @@ impl Node {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// The node's log file (`redis.log` or `sentinel.log`), for failure messages.
+    pub fn log(&self) -> String {
+        ["redis.log", "sentinel.log"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(self.dir.join(f)).ok())
+            .collect()
+    }
 }
 
 impl Drop for Node {
@@ -183,9 +195,15 @@ impl SentinelSetup {
         }
         for n in &nodes[1..] {
             let port = n.port;
-            wait_until("replica in sync", Duration::from_secs(10), || {
+            let synced = try_until(Duration::from_secs(20), || {
                 info_field(port, "replication", "master_link_status").as_deref() == Some("up")
             });
+            assert!(
+                synced,
+                "replica {port} not in sync; its log:\n{}\nmaster log:\n{}",
+                n.log(),
+                nodes[0].log()
+            );
         }
         let mut sentinels = Vec::new();
         for i in 0..3 {
