@@ -45,12 +45,7 @@ impl App {
     pub fn new(config: &Config) -> Result<App, AppError> {
         // For the TLS configs libraries build themselves (rediss://).
         crate::tls::install_default_provider();
-        let store = RedisStore::new(&RedisSettings {
-            url: config.redis.url.clone(),
-            connect_timeout: config.redis.connect_timeout,
-            response_timeout: config.redis.response_timeout,
-            ca_file: config.redis.ca_file.clone(),
-        })?;
+        let store = RedisStore::new(&RedisSettings::from_config(&config.redis)?)?;
         let metrics = Arc::new(Metrics::new());
         // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
         let limits = ArcSwap::from_pointee(RateLimits::new(&config.rate_limit, store.clone()));
