@@ -25,7 +25,7 @@ use crate::http::App;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
 use crate::ratelimit::{AbortOnDrop, HOUSEKEEPING_INTERVAL, RateLimits};
-use crate::session::{Sessions, SystemClock};
+use crate::session::Sessions;
 use crate::store::{Instrumented, RedisSettings, RedisStore};
 
 /// Why the proxy could not start.
@@ -66,7 +66,7 @@ pub fn app(config: &Config) -> Result<App, RunError> {
     let sessions = Sessions::new(
         Instrumented::new(store.clone(), metrics.clone()),
         config.tokens,
-        Arc::new(SystemClock),
+        session::clock_from_env(),
         Box::new(rand::rngs::OsRng),
     );
     Ok(App {

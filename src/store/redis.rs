@@ -31,8 +31,9 @@ use redis::{Script, Value};
 
 use crate::ratelimit::{Limited, SharedLimiter};
 use crate::session::{
-    AccessRecord, Millis, NewSession, RefreshRecord, RotateResult, Rotation,
-    SUPERSEDED_ACCESS_RETENTION, SessionId, SessionInfo, StoreError, TokenStore,
+    AccessRecord, Issued, Lifetimes, NewSession, RETENTION_AFTER_EXPIRY, RefreshRecord,
+    RotateResult, Rotation, SUPERSEDED_ACCESS_RETENTION, SessionId, SessionInfo, StoreError,
+    TokenStore, UNLIMITED_IDLE_CAP,
 };
 
 const COMMON: &str = include_str!("lua/common.lua");
@@ -75,6 +76,11 @@ fn err(e: redis::RedisError) -> StoreError {
 
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
+}
+
+/// An optional lifetime as script ARGV: ms, 0 = none.
+fn ms_or_0(d: Option<Duration>) -> u64 {
+    d.map(ms).unwrap_or(0)
 }
 
 struct Keys {
@@ -149,9 +155,23 @@ fn info(user: Value, device: Value) -> Result<SessionInfo, StoreError> {
 fn grace(mut rest: std::vec::IntoIter<Value>) -> Result<RefreshRecord, StoreError> {
     let sealed = bytes(rest.next().ok_or_else(short)?)?;
     let exp = number(rest.next().ok_or_else(short)?)?;
+    let now = number(rest.next().ok_or_else(short)?)?;
     Ok(RefreshRecord::Grace {
         sealed_successor: sealed,
         access_expires_at: exp,
+        now,
+    })
+}
+
+/// `{now, access expiry, ttl}` of `create.lua` and `rotate.lua`.
+fn issued(mut rest: std::vec::IntoIter<Value>) -> Result<Issued, StoreError> {
+    let now = number(rest.next().ok_or_else(short)?)?;
+    let access_expires_at = number(rest.next().ok_or_else(short)?)?;
+    let ttl = number(rest.next().ok_or_else(short)?)?;
+    Ok(Issued {
+        now,
+        access_expires_at,
+        ttl: Duration::from_millis(ttl),
     })
 }
 
@@ -200,10 +220,11 @@ impl RedisStore {
 }
 
 impl TokenStore for RedisStore {
-    async fn create(&self, s: &NewSession, now: Millis) -> Result<(), StoreError> {
+    async fn create(&self, s: &NewSession, offset: i64) -> Result<Issued, StoreError> {
         let k = Keys::new(s.sid);
         let mut c = self.conn.clone();
-        let _: Value = self
+        let l: &Lifetimes = &s.lifetimes;
+        let v: Value = self
             .scripts
             .create
             .key(k.session())
@@ -212,27 +233,29 @@ impl TokenStore for RedisStore {
             .key(k.index())
             .arg(&s.info.user_id)
             .arg(&s.info.device_id)
-            .arg(s.ends_at)
-            .arg(now)
+            .arg(offset)
             .arg(&s.access.sealed_upstream[..])
-            .arg(s.access.expires_at)
-            .arg(ms(s.access.ttl))
             .arg(&s.refresh.sealed_upstream[..])
-            .arg(s.refresh.expires_at)
-            .arg(ms(s.refresh.ttl))
-            .arg(ms(s.ttl))
             .arg(&s.access.id)
+            .arg(ms(l.access))
+            .arg(ms_or_0(l.refresh_idle))
+            .arg(ms_or_0(l.session))
+            .arg(ms(RETENTION_AFTER_EXPIRY))
+            .arg(ms(UNLIMITED_IDLE_CAP))
             .invoke_async(&mut c)
             .await
             .map_err(err)?;
-        Ok(())
+        let Value::Array(items) = v else {
+            return Err(StoreError("unexpected script reply".into()));
+        };
+        issued(items.into_iter())
     }
 
     async fn lookup_access(
         &self,
         sid: SessionId,
         id: &str,
-        now: Millis,
+        offset: i64,
     ) -> Result<AccessRecord, StoreError> {
         let k = Keys::new(sid);
         let mut c = self.conn.clone();
@@ -242,7 +265,7 @@ impl TokenStore for RedisStore {
             .key(k.access(id))
             .key(k.session())
             .key(k.used())
-            .arg(now)
+            .arg(offset)
             .arg(&k.prefix)
             .arg(ms(SUPERSEDED_ACCESS_RETENTION))
             .arg(id)
@@ -253,16 +276,20 @@ impl TokenStore for RedisStore {
         let mut rest = rest.into_iter();
         Ok(match status.as_str() {
             "superseded" => AccessRecord::Superseded,
-            "found" => {
+            // {status, sealed, expiry, user, device, now}: the decision is the script's.
+            "valid" | "expired" => {
                 let sealed = bytes(rest.next().ok_or_else(short)?)?;
                 let exp = number(rest.next().ok_or_else(short)?)?;
                 let info = info(
                     rest.next().ok_or_else(short)?,
                     rest.next().ok_or_else(short)?,
                 )?;
+                let now = number(rest.next().ok_or_else(short)?)?;
                 AccessRecord::Found {
                     sealed_upstream: sealed,
+                    valid: status == "valid",
                     expires_at: exp,
+                    now,
                     info,
                 }
             }
@@ -275,7 +302,7 @@ impl TokenStore for RedisStore {
         &self,
         sid: SessionId,
         id: &str,
-        now: Millis,
+        offset: i64,
         revoke_on_reuse: bool,
     ) -> Result<RefreshRecord, StoreError> {
         let k = Keys::new(sid);
@@ -287,7 +314,7 @@ impl TokenStore for RedisStore {
             .key(k.session())
             .key(k.index())
             .key(k.used())
-            .arg(now)
+            .arg(offset)
             .arg(id)
             .arg(if revoke_on_reuse { "1" } else { "0" })
             .invoke_async(&mut c)
@@ -302,11 +329,9 @@ impl TokenStore for RedisStore {
                     rest.next().ok_or_else(short)?,
                     rest.next().ok_or_else(short)?,
                 )?;
-                let ends_at = number(rest.next().ok_or_else(short)?)?;
                 RefreshRecord::Live {
                     sealed_upstream: sealed,
                     info,
-                    ends_at,
                 }
             }
             "grace" => grace(rest)?,
@@ -328,7 +353,7 @@ impl TokenStore for RedisStore {
         sid: SessionId,
         old_id: &str,
         r: &Rotation,
-        now: Millis,
+        offset: i64,
     ) -> Result<RotateResult, StoreError> {
         let k = Keys::new(sid);
         let mut c = self.conn.clone();
@@ -341,26 +366,25 @@ impl TokenStore for RedisStore {
             .key(k.used())
             .key(k.access(&r.access.id))
             .key(k.refresh(&r.refresh.id))
-            .arg(now)
+            .arg(offset)
             .arg(old_id)
             .arg(&r.access.id)
             .arg(&r.refresh.id)
             .arg(&r.access.sealed_upstream[..])
-            .arg(r.access.expires_at)
-            .arg(ms(r.access.ttl))
             .arg(&r.refresh.sealed_upstream[..])
-            .arg(r.refresh.expires_at)
-            .arg(ms(r.refresh.ttl))
             .arg(&r.sealed_successor[..])
-            .arg(ms(r.ttl))
             .arg(&k.prefix)
             .arg(ms(SUPERSEDED_ACCESS_RETENTION))
+            .arg(ms(r.lifetimes.access))
+            .arg(ms_or_0(r.lifetimes.refresh_idle))
+            .arg(ms(RETENTION_AFTER_EXPIRY))
+            .arg(ms(UNLIMITED_IDLE_CAP))
             .invoke_async(&mut c)
             .await
             .map_err(err)?;
         let (status, rest) = reply(v)?;
         Ok(match status.as_str() {
-            "ok" => RotateResult::Committed,
+            "ok" => RotateResult::Committed(issued(rest.into_iter())?),
             "grace" => RotateResult::Lost(grace(rest.into_iter())?),
             "expired" => RotateResult::Lost(RefreshRecord::Expired),
             _ => RotateResult::Lost(RefreshRecord::Unknown),
@@ -410,7 +434,7 @@ impl TokenStore for RedisStore {
         info: &SessionInfo,
         sid: SessionId,
         ttl: Duration,
-        now: Millis,
+        offset: i64,
     ) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         let _: Value = self
@@ -420,7 +444,7 @@ impl TokenStore for RedisStore {
             .arg(sid.tag())
             .arg(&info.device_id)
             .arg(ms(ttl))
-            .arg(now)
+            .arg(offset)
             .invoke_async(&mut c)
             .await
             .map_err(err)?;
