@@ -351,10 +351,6 @@ pub struct Sessions<S> {
     rng: Mutex<Box<dyn RngCore + Send>>,
 }
 
-fn ms(d: Duration) -> u64 {
-    d.as_millis().min(u64::MAX as u128) as u64
-}
-
 fn aad(what: &str, id: &str) -> Vec<u8> {
     format!("mrp/v1/{what}/{id}").into_bytes()
 }
