@@ -23,6 +23,18 @@
 //!
 //! Sealed values are ChaCha20-Poly1305 under a key derived from the token that points to them
 //! ([`crate::session::seal`]).
+//!
+//! # One clock
+//! Every time above (`exp`, `end`, `aexp`, `rexp`, `c`, `lr`, marker scores) is on the expiry
+//! clock: Redis `TIME` read inside the script (`clock()` in `lua/common.lua`) plus the offset
+//! passed as ARGV ([`crate::session::Clock`]; 0 in production). The scripts compute every expiry
+//! from the lifetimes passed to them and make every expired / valid / grace decision; the proxy's
+//! wall clock is never consulted. Scores that mirror a key's TTL (the key index `k`, the user
+//! index) use Redis `TIME` without the offset, as Redis expires keys on its own clock.
+//!
+//! `lookup_access.lua` answers `{'valid' | 'expired', sealed, expiry, user, device, now}`: the
+//! access expiry and the expiry clock's now, so a caller (a local cache) can compute validity
+//! from a measured local-vs-Redis offset.
 
 use std::time::Duration;
 
