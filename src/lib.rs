@@ -8,13 +8,12 @@ pub mod config;
 pub mod http;
 pub mod lifecycle;
 pub mod matrix;
-pub mod metrics;
-pub mod proxy;
 pub mod ratelimit;
 pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod upstream;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -24,11 +23,11 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::http::App;
-use crate::metrics::Metrics;
-use crate::proxy::Upstream;
 use crate::ratelimit::{AbortOnDrop, HOUSEKEEPING_INTERVAL, RateLimits};
 use crate::session::Sessions;
 use crate::store::{Instrumented, RedisSettings, RedisStore};
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::Upstream;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
