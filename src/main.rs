@@ -57,6 +57,10 @@ enum SessionsCommand {
         /// End every session of this user.
         #[arg(long)]
         user: Option<String>,
+        /// Also log the sessions out at the homeserver (needs `admin.upstream_key_file` on the
+        /// proxy; sessions made before it was set cannot be).
+        #[arg(long)]
+        logout_upstream: bool,
         /// Print the API's JSON answer.
         #[arg(long)]
         json: bool,
@@ -129,6 +133,10 @@ mod sessions_cli {
 
     use super::SessionsCommand;
 
+    fn upstream_query(yes: bool) -> &'static str {
+        if yes { "?logout_upstream=true" } else { "" }
+    }
+
     fn enc(s: &str) -> String {
         percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
     }
@@ -168,20 +176,30 @@ mod sessions_cli {
             ),
             SessionsCommand::Revoke {
                 session_id: Some(sid),
+                logout_upstream,
                 json,
                 ..
             } => (
                 http::Method::DELETE,
-                format!("{base}/sessions/{}", enc(sid)),
+                format!(
+                    "{base}/sessions/{}{}",
+                    enc(sid),
+                    upstream_query(*logout_upstream)
+                ),
                 *json,
             ),
             SessionsCommand::Revoke {
                 user: Some(user),
+                logout_upstream,
                 json,
                 ..
             } => (
                 http::Method::DELETE,
-                format!("{base}/users/{}/sessions", enc(user)),
+                format!(
+                    "{base}/users/{}/sessions{}",
+                    enc(user),
+                    upstream_query(*logout_upstream)
+                ),
                 *json,
             ),
             SessionsCommand::Revoke { .. } => bail!("give a session id or --user"),
@@ -250,6 +268,13 @@ mod sessions_cli {
             }
             SessionsCommand::Revoke { .. } => {
                 println!("{} session(s) ended", v["ended"].as_u64().unwrap_or(0));
+                let up = &v["upstream_logout"];
+                if up.is_object() {
+                    println!(
+                        "upstream logout: {} done, {} failed, {} not possible (made before admin.upstream_key_file)",
+                        up["done"], up["failed"], up["not_possible"]
+                    );
+                }
             }
             SessionsCommand::Stats { .. } => {
                 println!("sessions alive:        {}", v["sessions_alive"]);

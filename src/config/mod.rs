@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::session::Lifetimes;
+use crate::session::escrow::{EscrowKeys, UpstreamKey};
 
 pub use self::rate_limit::{LimitConfig, RateLimitBackend, RateLimitConfig};
 pub use crate::proxy::client_ip::TrustedProxies;
@@ -53,6 +54,12 @@ pub struct AdminConfig {
     /// File holding the bearer secret of the operator API (`/admin/v1/...`); `None` = the API
     /// is off (404) and only `/metrics` and `/health/*` are served.
     pub token_file: Option<PathBuf>,
+    /// File holding a 32-byte server key: new sessions also keep their upstream token sealed
+    /// under it, so `?logout_upstream=true` can log them out at the homeserver. `None` = no
+    /// such copy is written and upstream logout is refused.
+    pub upstream_key_file: Option<PathBuf>,
+    /// The key `upstream_key_file` held before a rotation: still opens what it sealed.
+    pub previous_upstream_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -173,6 +180,8 @@ struct RawAdmin {
     #[serde(default, deserialize_with = "nullable")]
     listen: Option<Option<String>>,
     token_file: Option<String>,
+    upstream_key_file: Option<String>,
+    previous_upstream_key_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -292,7 +301,36 @@ impl Config {
         if let Some(ca) = &self.redis.ca_file {
             crate::tls::read_ca_bundle(ca).map_err(named("redis.ca_file"))?;
         }
+        self.escrow_keys()?;
         Ok(())
+    }
+
+    /// Reads `admin.upstream_key_file` (and the previous key): `None` when not configured.
+    pub fn escrow_keys(&self) -> Result<Option<EscrowKeys>, ConfigError> {
+        fn read(key: &str, path: &Path) -> Result<UpstreamKey, ConfigError> {
+            let bytes = std::fs::read(path)
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+            UpstreamKey::from_file_content(&bytes)
+                .map_err(|e| invalid(key, format!("{}: {e}", path.display())))
+        }
+        let Some(current) = &self.admin.upstream_key_file else {
+            return Ok(None);
+        };
+        let current = read("admin.upstream_key_file", current)?;
+        let previous = match &self.admin.previous_upstream_key_file {
+            Some(p) => Some(read("admin.previous_upstream_key_file", p)?),
+            None => None,
+        };
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.id_hex() == current.id_hex())
+        {
+            return Err(invalid(
+                "admin.previous_upstream_key_file",
+                "holds the same key as admin.upstream_key_file",
+            ));
+        }
+        Ok(Some(EscrowKeys::new(current, previous)))
     }
 
     /// Parses YAML text; `env` supplies override variables.
@@ -495,7 +533,26 @@ impl Config {
         let admin = AdminConfig {
             listen: admin_listen(raw.admin.listen, listen)?,
             token_file: path("admin.token_file", raw.admin.token_file)?,
+            upstream_key_file: path("admin.upstream_key_file", raw.admin.upstream_key_file)?,
+            previous_upstream_key_file: path(
+                "admin.previous_upstream_key_file",
+                raw.admin.previous_upstream_key_file,
+            )?,
         };
+        if admin.previous_upstream_key_file.is_some() && admin.upstream_key_file.is_none() {
+            return Err(invalid(
+                "admin.previous_upstream_key_file",
+                "set without admin.upstream_key_file (the previous key only opens; the current one seals)",
+            ));
+        }
+        if admin.previous_upstream_key_file.is_some()
+            && admin.previous_upstream_key_file == admin.upstream_key_file
+        {
+            return Err(invalid(
+                "admin.previous_upstream_key_file",
+                "the same file as admin.upstream_key_file",
+            ));
+        }
         let rate_limit = rate_limit::rate_limit(raw.rate_limit)?;
         let trusted_proxies = rate_limit::trusted_proxies(raw.trusted_proxies.unwrap_or_default())?;
         let tls = raw.tls.map(tls_files).transpose()?;
@@ -639,6 +696,72 @@ mod tests {
             Some(PathBuf::from("/run/credentials/mrp/admin-token"))
         );
         assert!(parse("upstream: {url: 'http://hs'}\nadmin: {token_file: ''}").is_err());
+    }
+
+    #[test]
+    fn admin_upstream_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, bad) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("bad"),
+        );
+        std::fs::write(&a, (0u8..32).collect::<Vec<_>>()).unwrap();
+        std::fs::write(&b, (1u8..33).collect::<Vec<_>>()).unwrap();
+        std::fs::write(&bad, "short\n").unwrap();
+        let cfg = |extra: &str| {
+            parse(&format!(
+                "upstream: {{url: 'http://hs'}}\nadmin: {{{extra}}}"
+            ))
+        };
+        let c = cfg("").unwrap();
+        assert!(c.escrow_keys().unwrap().is_none());
+        let c = cfg(&format!("upstream_key_file: '{}'", a.display())).unwrap();
+        let k = c.escrow_keys().unwrap().unwrap();
+        assert!(k.previous().is_none());
+        let c = cfg(&format!(
+            "upstream_key_file: '{}', previous_upstream_key_file: '{}'",
+            b.display(),
+            a.display()
+        ))
+        .unwrap();
+        assert!(c.escrow_keys().unwrap().unwrap().previous().is_some());
+        c.check_files().unwrap();
+        let e = cfg(&format!("upstream_key_file: '{}'", bad.display()))
+            .unwrap()
+            .check_files()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("admin.upstream_key_file: "), "{e}");
+        assert!(e.contains("32 random bytes"), "{e}");
+        let e = cfg("upstream_key_file: /nonexistent/k")
+            .unwrap()
+            .check_files();
+        assert!(e.unwrap_err().to_string().contains("cannot read"));
+        let e = cfg(&format!("previous_upstream_key_file: '{}'", a.display())).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("admin.previous_upstream_key_file"),
+            "{e}"
+        );
+        let e = cfg(&format!(
+            "upstream_key_file: '{}', previous_upstream_key_file: '{}'",
+            a.display(),
+            a.display()
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("same file"), "{e}");
+        let c2 = dir.path().join("a2");
+        std::fs::copy(&a, &c2).unwrap();
+        let e = cfg(&format!(
+            "upstream_key_file: '{}', previous_upstream_key_file: '{}'",
+            a.display(),
+            c2.display()
+        ))
+        .unwrap()
+        .escrow_keys()
+        .unwrap_err();
+        assert!(e.to_string().contains("same key"), "{e}");
     }
 
     #[test]

@@ -194,6 +194,20 @@ impl Upstream {
         token: &str,
         request_id: Option<&HeaderValue>,
     ) -> Result<bool, UpstreamError> {
+        let status = self
+            .logout_as(token, request_id, UpstreamCall::OrphanLogout)
+            .await?;
+        Ok(status.is_some_and(|s| s.is_success()))
+    }
+
+    /// `POST /_matrix/client/v3/logout` with `token`, counted under `call`. The homeserver's
+    /// status, or `None` when the token cannot be put in a header (nothing sent).
+    pub async fn logout_as(
+        &self,
+        token: &str,
+        request_id: Option<&HeaderValue>,
+        call: UpstreamCall,
+    ) -> Result<Option<http::StatusCode>, UpstreamError> {
         let uri = self
             .uri("/_matrix/client/v3/logout", None)
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
@@ -204,16 +218,16 @@ impl Upstream {
             .body(full(Bytes::from_static(b"{}")))
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         if !credentials::set_bearer(req.headers_mut(), token) {
-            return Ok(false);
+            return Ok(None);
         }
         if let Some(id) = request_id {
             req.headers_mut()
                 .insert(crate::http::request_id::HEADER, id.clone());
         }
-        let res = self.send(req, UpstreamCall::OrphanLogout).await?;
-        let ok = res.status().is_success();
+        let res = self.send(req, call).await?;
+        let status = res.status();
         let _ = read_limited(res.into_body(), 64 * 1024).await;
-        Ok(ok)
+        Ok(Some(status))
     }
 
     /// `GET /_matrix/client/versions` (no credential): the readiness check. Returns the status;
