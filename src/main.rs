@@ -23,6 +23,10 @@ struct Cli {
     /// `sessions`: the admin listener's base URL (default: from `admin.listen`).
     #[arg(long, global = true, env = "MRP_ADMIN_URL")]
     admin_url: Option<String>,
+    /// `sessions`: the file holding the admin secret (default: `admin.token_file`), e.g. the
+    /// root-only original of a systemd credential.
+    #[arg(long, global = true, env = "MRP_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -84,14 +88,21 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(&cli.config)
-        .with_context(|| format!("configuration {}", cli.config.display()))?;
+    let context = || format!("configuration {}", cli.config.display());
+    if let Some(Command::Sessions(cmd)) = cli.command {
+        // The server's own files (TLS key, upstream key) are not the CLI's business.
+        let config = Config::load_without_files(&cli.config).with_context(context)?;
+        return sessions_cli::run(
+            &config,
+            cli.admin_url.as_deref(),
+            cli.admin_token_file.as_deref(),
+            cmd,
+        );
+    }
+    let config = Config::load(&cli.config).with_context(context)?;
     if let Some(Command::CheckConfig) = cli.command {
         println!("{}: OK", cli.config.display());
         return Ok(());
-    }
-    if let Some(Command::Sessions(cmd)) = cli.command {
-        return sessions_cli::run(&config, cli.admin_url.as_deref(), cmd);
     }
     matrix_refresh_proxy::telemetry::init(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -144,6 +155,7 @@ mod sessions_cli {
     pub fn run(
         config: &Config,
         admin_url: Option<&str>,
+        token_file: Option<&std::path::Path>,
         cmd: SessionsCommand,
     ) -> anyhow::Result<()> {
         let addr = match admin_url {
@@ -162,11 +174,11 @@ mod sessions_cli {
                 format!("http://{addr}")
             }
         };
-        let Some(file) = &config.admin.token_file else {
+        let Some(file) = token_file.or(config.admin.token_file.as_deref()) else {
             bail!("admin.token_file is not set: the admin API is off");
         };
         let secret = std::fs::read_to_string(file)
-            .with_context(|| format!("admin.token_file {}", file.display()))?;
+            .with_context(|| format!("admin token file {}", file.display()))?;
         let base = format!("{addr}/admin/v1");
         let (method, url, json) = match &cmd {
             SessionsCommand::List { user_id, json } => (

@@ -451,6 +451,33 @@ async fn cli_revoke_logout_upstream() {
     );
     let list = sessions(&admin(h, Method::GET, "/admin/v1/users/@judy:fake.test/sessions").await);
     let sid1 = session_of(&list, &l1["device_id"]);
+    // The CLI does not read the server's key (it may not be readable where the CLI runs).
+    std::fs::remove_file(a._dir.path().join("key-a")).unwrap();
+    // --admin-token-file overrides admin.token_file.
+    let wrong = a._dir.path().join("wrong-token");
+    std::fs::write(&wrong, "not-the-secret\n").unwrap();
+    let w = wrong.to_str().unwrap();
+    let (ok, _, err) = cli(
+        h,
+        &[
+            "sessions",
+            "--admin-token-file",
+            w,
+            "list",
+            "@judy:fake.test",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("401") && err.contains("M_UNKNOWN_TOKEN"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(
+        h,
+        &["sessions", "--admin-token-file", "/nonexistent/t", "stats"],
+    );
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/t"), "{err}");
     let (ok, out, err) = cli(h, &["sessions", "revoke", &sid1, "--logout-upstream"]);
     assert!(ok, "{err}");
     assert!(out.contains("1 session(s) ended"), "{out}");

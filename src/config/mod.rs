@@ -266,13 +266,20 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 impl Config {
     /// Reads and validates `path`, then applies `MRP_*` environment overrides.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config = Self::load_without_files(path)?;
+        config.check_files()?;
+        Ok(config)
+    }
+
+    /// [`load`](Self::load) without [`check_files`](Self::check_files): for the `sessions`
+    /// CLI, which needs only the admin address and secret, and may run where the server's TLS
+    /// key or upstream key is not readable (systemd credentials).
+    pub fn load_without_files(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        let config = Self::parse(&text, |k| std::env::var(k).ok())?;
-        config.check_files()?;
-        Ok(config)
+        Self::parse(&text, |k| std::env::var(k).ok())
     }
 
     /// Reads the files the config names (TLS certificate and key, CA bundles) and checks that
