@@ -89,9 +89,9 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     let context = || format!("configuration {}", cli.config.display());
+    let config = Config::load(&cli.config).with_context(context)?;
     if let Some(Command::Sessions(cmd)) = cli.command {
         // The server's own files (TLS key, upstream key) are not the CLI's business.
-        let config = Config::load_without_files(&cli.config).with_context(context)?;
         return sessions_cli::run(
             &config,
             cli.admin_url.as_deref(),
@@ -99,7 +99,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             cmd,
         );
     }
-    let config = Config::load(&cli.config).with_context(context)?;
+    matrix_refresh_proxy::tls::check_files(&config)
+        .and_then(|()| config.escrow_keys().map(drop))
+        .with_context(context)?;
     if let Some(Command::CheckConfig) = cli.command {
         println!("{}: OK", cli.config.display());
         return Ok(());

@@ -33,9 +33,10 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::body::Body;
 use crate::http::error::ApiError;
-use crate::http::{App, Body, json_response};
-use crate::metrics::PurgeCause;
+use crate::http::{App, json_response};
+use crate::matrix::purge::PurgeCause;
 use crate::session::{SessionId, TokenStore};
 
 /// Calls per second per caller IP, sustained.
@@ -318,9 +319,11 @@ async fn logout_upstream(app: &App, tokens: Vec<Option<String>>) -> UpstreamLogo
             if started.elapsed() >= UPSTREAM_LOGOUT_DEADLINE {
                 return One::Failed;
             }
-            let call =
-                app.upstream
-                    .logout_as(&token, None, crate::metrics::UpstreamCall::AdminLogout);
+            let call = app.upstream.logout_as(
+                &token,
+                None,
+                crate::telemetry::metrics::UpstreamCall::AdminLogout,
+            );
             match tokio::time::timeout(UPSTREAM_LOGOUT_TIMEOUT, call).await {
                 Ok(Ok(Some(s))) if s.is_success() => One::Done,
                 // The homeserver no longer knows the token: it is logged out already.
