@@ -124,13 +124,18 @@ for f in "$CHART"/ci/*.yaml; do
         sed -i -e "s#/etc/matrix-refresh-proxy/tls/tls.crt#$OUT/pki/cert.pem#" \
             -e "s#/etc/matrix-refresh-proxy/tls/tls.key#$OUT/pki/key.pem#" \
             -e "s#/etc/ssl/homeserver/ca.pem#$OUT/pki/cert.pem#" \
+            -e "s#/run/secrets/mrp-redis/password#$OUT/pki/redis-password#" \
             -e "s#/run/secrets/matrix-refresh-proxy/#$OUT/admin/#" "$OUT/$name-$kv.config.1"
-        MRP_REDIS_URL=redis://127.0.0.1:1 "$PROXY" check-config --config "$OUT/$name-$kv.config.1" >/dev/null \
+        echo stand-in >"$OUT/pki/redis-password"
+        # Sentinel and Cluster sets take no URL (MRP_REDIS_URL would conflict, as intended).
+        url=redis://127.0.0.1:1
+        if grep -qE '^    (sentinel|cluster):' "$f"; then url=""; fi
+        env ${url:+MRP_REDIS_URL=$url} "$PROXY" check-config --config "$OUT/$name-$kv.config.1" >/dev/null \
             || die "check-config: the config.yaml rendered from $f"
     done
     sets=$((sets + 1))
 done
-[ "$sets" -ge 7 ] || die "only $sets value sets in $CHART/ci"
+[ "$sets" -ge 8 ] || die "only $sets value sets in $CHART/ci"
 # The adminApi set: the Secret's files are mounted read-only where the rendered config points.
 r=$(ls "$OUT"/admin-api-values-1.33.0-*.yaml | head -1)
 for f in admin-token upstream-key upstream-key.previous; do

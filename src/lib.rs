@@ -56,12 +56,7 @@ const SESSIONS_ALIVE_SAMPLE: std::time::Duration = std::time::Duration::from_sec
 pub fn app(config: &Config) -> Result<App, RunError> {
     // For the TLS configs libraries build themselves (rediss://).
     tls::install_default_provider();
-    let store = RedisStore::new(&RedisSettings {
-        url: config.redis.url.clone(),
-        connect_timeout: config.redis.connect_timeout,
-        response_timeout: config.redis.response_timeout,
-        ca_file: config.redis.ca_file.clone(),
-    })?;
+    let store = RedisStore::new(&RedisSettings::from_config(&config.redis)?)?;
     let metrics = Arc::new(Metrics::new());
     // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
     let limits =

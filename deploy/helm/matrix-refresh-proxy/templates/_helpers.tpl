@@ -71,6 +71,11 @@ A loopback address is refused: the kubelet and Prometheus connect to the pod IP.
 {{- include "mrp.port" .Values.config.admin.listen }}
 {{- end }}
 
+{{/* "true" when Redis is reached through Sentinel or Cluster (no URL, no URL Secret). */}}
+{{- define "mrp.redisHA" -}}
+{{- if or .Values.config.redis.sentinel .Values.config.redis.cluster }}true{{ end }}
+{{- end }}
+
 {{/* Secret and key holding the Redis URL. */}}
 {{- define "mrp.redisSecretName" -}}
 {{- if .Values.redis.existingSecret }}
@@ -181,11 +186,13 @@ The proxy's container. In sidecar mode an initContainers entry with restartPolic
   {{- end }}
   args: ["--config", "/etc/matrix-refresh-proxy/config.yaml"]
   env:
+    {{- if not (include "mrp.redisHA" .) }}
     - name: MRP_REDIS_URL
       valueFrom:
         secretKeyRef:
           name: {{ include "mrp.redisSecretName" . }}
           key: {{ include "mrp.redisSecretKey" . }}
+    {{- end }}
     {{- with .Values.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -240,6 +247,11 @@ The proxy's container. In sidecar mode an initContainers entry with restartPolic
       mountPath: {{ include "mrp.adminSecretDir" . }}
       readOnly: true
     {{- end }}
+    {{- if .Values.redis.passwordSecret }}
+    - name: mrp-redis-password
+      mountPath: /run/secrets/mrp-redis
+      readOnly: true
+    {{- end }}
 {{- end }}
 
 {{/* The proxy's volumes: the rendered config.yaml, and the adminApi Secret when set. */}}
@@ -249,6 +261,11 @@ The proxy's container. In sidecar mode an initContainers entry with restartPolic
     name: {{ include "mrp.fullname" . }}
 {{- with include "mrp.adminSecretVolume" . }}
 {{ trim . }}
+{{- end }}
+{{- if .Values.redis.passwordSecret }}
+- name: mrp-redis-password
+  secret:
+    secretName: {{ .Values.redis.passwordSecret }}
 {{- end }}
 {{- end }}
 
