@@ -234,6 +234,7 @@ pub struct Metrics {
     rate_limited: Family<RouteLabel, Counter>,
     limiter_keys: Gauge,
     sessions_alive: Gauge,
+    redis_master_switches: Counter,
     admin_calls: Family<AdminCallLabels, Counter>,
     admin_upstream_logouts: Family<OutcomeLabel, Counter>,
     /// Logins and refreshes of the last minute, for `GET /admin/v1/stats`.
@@ -272,6 +273,7 @@ impl Metrics {
             rate_limited: Family::default(),
             limiter_keys: Gauge::default(),
             sessions_alive: Gauge::default(),
+            redis_master_switches: Counter::default(),
             admin_calls: Family::default(),
             admin_upstream_logouts: Family::default(),
             recent_logins: RecentCounter::default(),
@@ -379,6 +381,11 @@ impl Metrics {
             "Proxy session records in Redis (sampled every 30 s by a SCAN; includes sessions \
              within their 24 h retention after expiry)",
             self.sessions_alive.clone(),
+        );
+        r.register(
+            "redis_master_switches",
+            "Redis master changes followed (Sentinel: +switch-master, poll or connection error)",
+            self.redis_master_switches.clone(),
         );
         r.register(
             "admin_calls",
@@ -521,6 +528,11 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// One Redis master change followed (Sentinel).
+    pub fn redis_master_switched(&self) {
+        self.redis_master_switches.inc();
+    }
+
     /// The sampled number of session records (see `admin::sample_sessions_alive`).
     pub fn set_sessions_alive(&self, n: u64) {
         self.sessions_alive
