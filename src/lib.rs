@@ -43,6 +43,8 @@ pub enum RunError {
     Tls(#[from] tls::TlsError),
     #[error("{0}")]
     AdminSecret(#[from] admin::api::SecretError),
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(std::io::Error),
 }
@@ -59,12 +61,21 @@ pub fn app(config: &Config) -> Result<App, RunError> {
     // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
     let limits =
         arc_swap::ArcSwap::from_pointee(RateLimits::new(&config.rate_limit, store.clone()));
+    let escrow = config.escrow_keys()?.map(Arc::new);
+    if let Some(k) = &escrow {
+        tracing::info!(
+            key_id = %k.current().id_hex(),
+            previous_key_id = %k.previous().map(|p| p.id_hex()).unwrap_or_else(|| "-".into()),
+            "admin.upstream_key_file set: new sessions keep an escrow copy of the upstream token (operator upstream logout)"
+        );
+    }
     let sessions = Sessions::new(
         Instrumented::new(store.clone(), metrics.clone()),
         config.tokens,
         session::clock_from_env(),
         Box::new(rand::rngs::OsRng),
-    );
+    )
+    .with_escrow(escrow);
     Ok(App {
         sessions,
         upstream: Upstream::new(&config.upstream, metrics.clone())?,

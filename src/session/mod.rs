@@ -10,6 +10,7 @@
 //! time input from this side is [`Clock::offset_ms`], added to the store's clock: 0 in
 //! production, moved by tests instead of sleeping.
 
+pub mod escrow;
 pub mod seal;
 pub mod token;
 
@@ -122,6 +123,8 @@ pub struct NewSession {
     pub refresh: NewToken,
     /// The session ends `lifetimes.session` after its creation (store clock).
     pub lifetimes: Lifetimes,
+    /// The upstream token sealed under the server's key ([`escrow`]), when one is configured.
+    pub upstream_escrow: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Debug)]
@@ -349,6 +352,8 @@ pub struct Sessions<S> {
     lifetimes: std::sync::RwLock<Lifetimes>,
     clock: Arc<dyn Clock>,
     rng: Mutex<Box<dyn RngCore + Send>>,
+    /// `admin.upstream_key_file`: new sessions also keep an [`escrow`] copy of the upstream token.
+    escrow: Option<Arc<escrow::EscrowKeys>>,
 }
 
 fn aad(what: &str, id: &str) -> Vec<u8> {
@@ -367,7 +372,19 @@ impl<S: TokenStore> Sessions<S> {
             lifetimes: std::sync::RwLock::new(lifetimes),
             clock,
             rng: Mutex::new(rng),
+            escrow: None,
         }
+    }
+
+    /// Seals each new session's upstream token under `keys` too (operator upstream logout).
+    pub fn with_escrow(mut self, keys: Option<Arc<escrow::EscrowKeys>>) -> Self {
+        self.escrow = keys;
+        self
+    }
+
+    /// The keys that open [`NewSession::upstream_escrow`] values, when configured.
+    pub fn escrow(&self) -> Option<&escrow::EscrowKeys> {
+        self.escrow.as_deref()
     }
 
     pub fn store(&self) -> &S {
@@ -428,6 +445,7 @@ impl<S: TokenStore> Sessions<S> {
         let lifetimes = self.lifetimes();
         let sid = self.with_rng(|rng| SessionId::generate(rng));
         let (at, rt, access, refresh) = self.new_pair(sid, upstream);
+        let upstream_escrow = self.escrow.as_ref().map(|k| k.seal(sid, upstream));
         // Index first: an index entry without a session is harmless, a session missing from the
         // index would survive /logout/all.
         self.store
@@ -439,6 +457,7 @@ impl<S: TokenStore> Sessions<S> {
             access,
             refresh,
             lifetimes,
+            upstream_escrow,
         };
         let issued = self.store.create(&s, offset).await?;
         Ok(IssuedPair {

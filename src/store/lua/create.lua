@@ -3,7 +3,8 @@
 -- ARGV: 1 user_id, 2 device_id, 3 clock offset ms, 4 access sealed upstream token,
 --       5 refresh sealed upstream token, 6 access id, 7 access lifetime ms,
 --       8 refresh idle lifetime ms (0 = none), 9 session lifetime ms (0 = none),
---       10 retention after expiry ms, 11 idle cap ms (refresh tokens without idle limit)
+--       10 retention after expiry ms, 11 idle cap ms (refresh tokens without idle limit),
+--       12 upstream token sealed under the server key (field `ue`; '' = none, no field)
 -- Returns {now, access expiry, record ttl} (ms, as text).
 local now = clock(ARGV[3])
 local ends = 0
@@ -13,6 +14,9 @@ end
 local aexp, rexp, ttl = pair_times(now, ends, ARGV[7], ARGV[8], ARGV[11], ARGV[10])
 redis.call('HSET', KEYS[1], 'u', ARGV[1], 'd', ARGV[2], 'end', int(ends), 'c', int(now),
   'lr', '0', 'aexp', int(aexp), 'rexp', int(rexp))
+if ARGV[12] ~= '' then
+  redis.call('HSET', KEYS[1], 'ue', ARGV[12])
+end
 redis.call('PEXPIRE', KEYS[1], int(ttl))
 redis.call('HSET', KEYS[2], 'ut', ARGV[4], 'exp', int(aexp), 'used', '0', 'prev', '')
 redis.call('PEXPIRE', KEYS[2], int(ttl))
