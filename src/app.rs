@@ -6,9 +6,9 @@ use std::sync::atomic::AtomicBool;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, HttpConfig, TrustedProxies};
+use crate::config::{Config, ConfigError, HttpConfig, TrustedProxies};
 use crate::ratelimit::RateLimits;
-use crate::session::{Sessions, StoreError, SystemClock};
+use crate::session::{Sessions, StoreError};
 use crate::store::{Instrumented, RedisSettings, RedisStore, Store};
 use crate::telemetry::metrics::Metrics;
 use crate::tls::{ServerTls, TlsError};
@@ -38,6 +38,8 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error("tls: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    Config(#[from] ConfigError),
 }
 
 impl App {
@@ -49,12 +51,21 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
         let limits = ArcSwap::from_pointee(RateLimits::new(&config.rate_limit, store.clone()));
+        let escrow = config.escrow_keys()?.map(Arc::new);
+        if let Some(k) = &escrow {
+            tracing::info!(
+                key_id = %k.current().id_hex(),
+                previous_key_id = %k.previous().map(|p| p.id_hex()).unwrap_or_else(|| "-".into()),
+                "admin.upstream_key_file set: new sessions keep an escrow copy of the upstream token (operator upstream logout)"
+            );
+        }
         let sessions = Sessions::new(
             Instrumented::new(store.clone(), metrics.clone()),
             config.tokens,
-            Arc::new(SystemClock),
+            crate::session::clock_from_env(),
             Box::new(rand::rngs::OsRng),
-        );
+        )
+        .with_escrow(escrow);
         Ok(App {
             sessions,
             upstream: Upstream::new(&config.upstream, metrics.clone())?,

@@ -83,6 +83,14 @@ pub async fn run(
     });
     log_rate_limits(&config);
     // Background tasks, aborted when `run` returns (the guards drop).
+    let _master_switches = app.redis.master_switch_events().map(|mut switches| {
+        let metrics = app.metrics.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            while switches.changed().await.is_ok() {
+                metrics.redis_master_switched();
+            }
+        }))
+    });
     let limits = app.clone();
     let _housekeeping = AbortOnDrop(tokio::spawn(ratelimit::housekeeping(
         move || limits.limits.load_full(),
