@@ -20,7 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 
-use crate::http::{App, Body, full};
+use crate::body::{Body, full};
+use crate::http::App;
 use crate::proxy::UpstreamError;
 use crate::session::TokenStore;
 

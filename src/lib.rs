@@ -3,9 +3,11 @@
 //! See `DESIGN.md` in the shared folder for the behaviour contract, and README.md for operation.
 
 pub mod admin;
+pub mod body;
 pub mod config;
 pub mod http;
 pub mod lifecycle;
+pub mod matrix;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

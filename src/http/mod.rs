@@ -1,13 +1,11 @@
 //! The client-facing side: listener, router and the proxy's own answers.
 
-pub mod body;
 mod conn;
 pub mod error;
 mod forward;
 pub mod login;
 mod refresh;
 pub mod request_id;
-pub mod routes;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,7 +18,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use http_body_util::BodyExt;
-use http_body_util::combinators::BoxBody;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -31,9 +28,9 @@ use tokio::sync::Semaphore;
 
 use tracing::Instrument;
 
-use body::ClientBody;
-
+use crate::body::{self as body, Body, BoxError, ClientBody, full, read_limited};
 use crate::config::{HttpConfig, TrustedProxies};
+use crate::matrix::routes::{self, Route};
 use crate::metrics::{InFlight, Metrics};
 use crate::proxy::Upstream;
 use crate::proxy::client_ip::client_ip;
@@ -42,26 +39,9 @@ use crate::session::Sessions;
 use crate::store::Store;
 pub use error::ApiError;
 use request_id::RequestId;
-use routes::Route;
 
 /// Largest request head (request line and headers) the proxy accepts.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body type of every response and forwarded request: streamed or in memory.
-pub type Body = BoxBody<Bytes, BoxError>;
-
-/// An in-memory body.
-pub fn full(b: impl Into<Bytes>) -> Body {
-    http_body_util::Full::new(b.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed()
-}
-
-/// Wraps a client request body for forwarding (streamed, never buffered).
-pub fn stream(b: ClientBody) -> Body {
-    b.boxed()
-}
 
 /// Unread request bodies up to this size are read and discarded before a self-made answer, so
 /// the keep-alive connection stays usable; larger or slower ones get `Connection: close`.
@@ -74,7 +54,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn read_body(app: &App, body: ClientBody) -> Result<Bytes, ApiError> {
     match tokio::time::timeout(
         app.http.body_read_timeout,
-        crate::proxy::read_limited(body, app.http.max_json_body),
+        read_limited(body, app.http.max_json_body),
     )
     .await
     {
@@ -83,6 +63,19 @@ pub async fn read_body(app: &App, body: ClientBody) -> Result<Bytes, ApiError> {
         Ok(Ok(None)) => Err(ApiError::TooLarge),
         Ok(Err(e)) if e.is::<body::BodyTimeout>() => Err(ApiError::BodyTimeout),
         Ok(Err(_)) => Err(ApiError::BadRequest("Could not read the request body")),
+    }
+}
+
+/// Reads a homeserver answer the proxy rewrites or inspects, at most `limit` bytes; a longer or
+/// broken one is a 502.
+pub async fn read_upstream(
+    res: Response<Incoming>,
+    limit: usize,
+) -> Result<(http::response::Parts, Bytes), ApiError> {
+    let (parts, body) = res.into_parts();
+    match read_limited(body, limit).await {
+        Ok(Some(bytes)) => Ok((parts, bytes)),
+        Ok(None) | Err(_) => Err(ApiError::UpstreamInvalid),
     }
 }
 
@@ -99,8 +92,7 @@ async fn settle_body(state: &body::BodyState, res: &mut Response<Body>) {
             .is_some_and(|n| n <= DRAIN_LIMIT as u64);
         if small
             && let Ok(Ok(Some(_))) =
-                tokio::time::timeout(DRAIN_TIMEOUT, crate::proxy::read_limited(rest, DRAIN_LIMIT))
-                    .await
+                tokio::time::timeout(DRAIN_TIMEOUT, read_limited(rest, DRAIN_LIMIT)).await
         {
             return;
         }
@@ -227,7 +219,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     // Set on the request before any handler runs, so it is forwarded with it.
     let request_id = RequestId::take_or_generate(req.headers_mut());
     let method = req.method().clone();
-    let route = routes::classify(req.method(), req.uri().path());
+    let route = routes::classify(req.method().as_str(), req.uri().path());
     let mut abandoned = Abandoned {
         method: &method,
         route: &route,

@@ -35,6 +35,11 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Sets `Content-Length` to the length of a body the proxy rebuilt (the old value is stale).
+pub fn set_content_length(h: &mut HeaderMap, len: usize) {
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+}
+
 /// Client-address headers a homeserver may believe. From a peer not in `trusted_proxies` they are
 /// whatever the client made up, so they are dropped (else any client picks the IP the homeserver
 /// logs and rate-limits) and `X-Forwarded-For` is rebuilt from the peer alone.

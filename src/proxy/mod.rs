@@ -17,8 +17,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::body::{Body, full, read_limited};
 use crate::config::UpstreamConfig;
-use crate::http::{Body, BoxError, full};
 use crate::metrics::{Metrics, UpstreamCall, UpstreamFailure};
 use crate::tls::TlsError;
 
@@ -259,19 +259,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Reads a body up to `limit` bytes: `Ok(None)` when it is longer.
-pub async fn read_limited<B>(body: B, limit: usize) -> Result<Option<Bytes>, BoxError>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(Some(c.to_bytes())),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// Turns an upstream response into a client response: streamed body, hop-by-hop headers gone.
 pub fn relay(res: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = res.into_parts();
@@ -279,13 +266,20 @@ pub fn relay(res: Response<Incoming>) -> Response<Body> {
     Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
-/// A JSON response with the given parts (headers kept, length recomputed).
-pub fn with_json_body(mut parts: http::response::Parts, body: Vec<u8>) -> Response<Body> {
+/// An upstream response around a body the proxy read: hop-by-hop headers gone, length
+/// recomputed.
+pub fn rebuilt(mut parts: http::response::Parts, body: Bytes) -> Response<Body> {
     headers::remove_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
+    headers::set_content_length(&mut parts.headers, body.len());
+    Response::from_parts(parts, full(body))
+}
+
+/// [`rebuilt`] around a JSON body the proxy wrote or kept.
+pub fn with_json_body(parts: http::response::Parts, body: Bytes) -> Response<Body> {
+    let mut res = rebuilt(parts, body);
+    res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    Response::from_parts(parts, full(body))
+    res
 }
