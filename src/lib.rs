@@ -69,7 +69,7 @@ pub fn app(config: &Config) -> Result<App, RunError> {
         Instrumented::new(store.clone(), metrics.clone()),
         config.tokens,
         Arc::new(SystemClock),
-        Box::new(rand::rngs::OsRng),
+        Box::new(session::os_random::OsRandom::new()),
     );
     Ok(App {
         sessions,

@@ -91,10 +91,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         return sessions_cli::run(&config, cli.admin_url.as_deref(), cmd);
     }
     matrix_refresh_proxy::telemetry::init(&config.log);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = runtime().context("starting the async runtime")?;
     let path = cli.config.clone();
     runtime.block_on(async {
         // The first SIGTERM/SIGINT starts a graceful drain; a second one exits at once.
@@ -115,6 +112,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// The async runtime. With one CPU to run on (`TOKIO_WORKER_THREADS=1`, or a CPU affinity or
+/// cgroup quota of one CPU) a single-threaded runtime: the multi-threaded one would still run
+/// its one worker beside the main thread, with cross-thread wake-ups and atomics on every task
+/// switch, for no parallelism.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    }
 }
 
 mod sessions_cli {

@@ -3,6 +3,7 @@
 //! Free of HTTP and Redis types: the rules talk to storage through [`TokenStore`] and read time
 //! and randomness from injected sources, so they can be driven by tests.
 
+pub mod os_random;
 pub mod seal;
 pub mod token;
 
@@ -530,10 +531,19 @@ impl<S: TokenStore> Sessions<S> {
                         sealed_successor,
                         ttl,
                     };
-                    match self.store.rotate(sid, &id, &rotation, now).await? {
+                    // The user index is extended in the same round trip as the rotation (both
+                    // commands go out together, rotation first), not after it: should the
+                    // rotation lose, the extension is harmless (an index entry without a live
+                    // session is skipped by every purge and pruned once past its expiry).
+                    let (rotated, indexed) = futures_util::future::join(
+                        self.store.rotate(sid, &id, &rotation, now),
+                        self.store.index_session(&info, sid, ttl, now),
+                    )
+                    .await;
+                    match rotated? {
                         RotateResult::Committed => {
                             // Best effort: the index only needs to outlive the session.
-                            if let Err(e) = self.store.index_session(&info, sid, ttl, now).await {
+                            if let Err(e) = indexed {
                                 tracing::warn!(error = %e, "could not extend the user index TTL");
                             }
                             return Ok(Ok(Refreshed::Issued {
