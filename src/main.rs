@@ -93,7 +93,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     matrix_refresh_proxy::telemetry::init(&config.log);
     let runtime = runtime().context("starting the async runtime")?;
     let path = cli.config.clone();
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         // The first SIGTERM/SIGINT starts a graceful drain; a second one exits at once.
         let (begin_shutdown, shutdown) = tokio::sync::oneshot::channel::<()>();
         let mut signals = Signals::new().context("installing signal handlers")?;
@@ -103,6 +103,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let _ = begin_shutdown.send(());
             signals.next().await;
             tracing::warn!("second signal: exiting without waiting for in-flight requests");
+            matrix_refresh_proxy::telemetry::flush();
             std::process::exit(1);
         });
         matrix_refresh_proxy::run(config, Some(path), async {
@@ -111,7 +112,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         .await?;
         tracing::info!("stopped");
         Ok(())
-    })
+    });
+    // Pending log lines go out before main's own error line.
+    matrix_refresh_proxy::telemetry::flush();
+    result
 }
 
 /// The async runtime. With one CPU to run on (`TOKIO_WORKER_THREADS=1`, or a CPU affinity or
