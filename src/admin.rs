@@ -22,8 +22,8 @@ use tokio::time::Instant;
 
 use crate::body::{Body, full};
 use crate::http::App;
-use crate::proxy::UpstreamError;
 use crate::session::TokenStore;
+use crate::upstream::UpstreamError;
 
 /// How long a readiness result is reused: probes cannot hammer Redis or the homeserver.
 const READY_CACHE: Duration = Duration::from_secs(1);
@@ -235,7 +235,7 @@ pub async fn handle<P: Probes>(
             text(
                 StatusCode::OK,
                 admin.app.metrics.encode(),
-                crate::metrics::CONTENT_TYPE,
+                crate::telemetry::metrics::CONTENT_TYPE,
             )
         }
         "/health/live" => text(

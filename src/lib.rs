@@ -8,13 +8,12 @@ pub mod config;
 pub mod http;
 pub mod lifecycle;
 pub mod matrix;
-pub mod metrics;
-pub mod proxy;
 pub mod ratelimit;
 pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod upstream;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -24,11 +23,11 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::http::App;
-use crate::metrics::Metrics;
-use crate::proxy::Upstream;
 use crate::ratelimit::{AbortOnDrop, HOUSEKEEPING_INTERVAL, RateLimits};
 use crate::session::{Sessions, SystemClock};
 use crate::store::{Instrumented, RedisSettings, RedisStore};
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::Upstream;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +54,7 @@ const SESSIONS_ALIVE_SAMPLE: std::time::Duration = std::time::Duration::from_sec
 pub fn app(config: &Config) -> Result<App, RunError> {
     // For the TLS configs libraries build themselves (rediss://).
     tls::install_default_provider();
-    let store = RedisStore::new(&RedisSettings {
-        url: config.redis.url.clone(),
-        connect_timeout: config.redis.connect_timeout,
-        response_timeout: config.redis.response_timeout,
-        ca_file: config.redis.ca_file.clone(),
-    })?;
+    let store = RedisStore::new(&RedisSettings::from_config(&config.redis)?)?;
     let metrics = Arc::new(Metrics::new());
     // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
     let limits =

@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::body::{Body, full};
 use crate::matrix::login::FlagNotBoolean;
 use crate::matrix::refresh::RefreshBodyError;
-use crate::proxy::UpstreamError;
+use crate::upstream::UpstreamError;
 
 /// Seconds clients are asked to wait when the proxy itself is degraded.
 const RETRY_AFTER_SECS: u64 = 2;

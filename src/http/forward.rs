@@ -2,8 +2,6 @@
 //! sessions in step with logouts, device deletions and account changes (DESIGN.md §2; the rules
 //! are [`crate::matrix::purge`]).
 
-use std::net::SocketAddr;
-
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -12,10 +10,10 @@ use super::{ApiError, App, read_body, read_upstream, with_user};
 use crate::body::{Body, ClientBody, full, stream};
 use crate::matrix::purge::{self, Purge, PurgeCause, Requester};
 use crate::matrix::routes::Route;
-use crate::metrics::UpstreamCall;
-use crate::proxy::credentials::{self, Presented};
-use crate::proxy::{rebuilt, relay};
 use crate::session::{Authenticated, ProxyToken, SessionAuth, TokenKind};
+use crate::telemetry::metrics::UpstreamCall;
+use crate::upstream::credentials::{self, Presented};
+use crate::upstream::{ClientConn, rebuilt, relay};
 
 /// Upstream error bodies the proxy inspects (401s) are small.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -24,7 +22,7 @@ pub async fn handle(
     app: &App,
     req: Request<ClientBody>,
     route: Route,
-    peer: SocketAddr,
+    conn: &ClientConn,
 ) -> Result<Response<Body>, ApiError> {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
@@ -39,7 +37,7 @@ pub async fn handle(
         (Some(s), _) => (Some(s.info.user_id.clone()), Some(s.info.device_id.clone())),
         (None, Some(t)) if purge::needs_user(&route) => app
             .upstream
-            .whoami(t, parts.headers.get(&super::request_id::HEADER))
+            .whoami(t, parts.headers.get(&crate::telemetry::request_id::HEADER))
             .await?
             .map_or((None, None), |(u, d)| (Some(u), d)),
         _ => (None, None),
@@ -61,14 +59,7 @@ pub async fn handle(
     let call = UpstreamCall::for_route(&route);
     let res = app
         .upstream
-        .forward(
-            parts,
-            forward_body,
-            &path,
-            query_out.as_deref(),
-            peer.ip(),
-            call,
-        )
+        .forward(parts, forward_body, &path, query_out.as_deref(), conn, call)
         .await?;
     if res.status() == StatusCode::UNAUTHORIZED
         && let Some(s) = &session

@@ -2,8 +2,6 @@
 //! read the body (bounded), forward without the refresh flag, and wrap the homeserver's final
 //! 200 into a proxy access/refresh pair.
 
-use std::net::SocketAddr;
-
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
 use super::{ApiError, App, read_body, read_upstream, with_user};
@@ -11,9 +9,9 @@ use crate::body::{Body, ClientBody, full, stream};
 use crate::matrix::login::{LoginAnswer, LoginAsk, Wrap, is_guest, read_request};
 use crate::matrix::purge::PurgeCause;
 use crate::matrix::routes::Route;
-use crate::metrics::UpstreamCall;
-use crate::proxy::{credentials, headers, relay, with_json_body};
 use crate::session::SessionInfo;
+use crate::telemetry::metrics::UpstreamCall;
+use crate::upstream::{ClientConn, credentials, headers, relay, with_json_body};
 
 /// Login and registration answers are small; anything larger is not a Matrix login response.
 const MAX_RESPONSE: usize = 1024 * 1024;
@@ -22,7 +20,7 @@ pub async fn handle(
     app: &App,
     req: Request<ClientBody>,
     route: Route,
-    peer: SocketAddr,
+    conn: &ClientConn,
 ) -> Result<Response<Body>, ApiError> {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
@@ -33,14 +31,7 @@ pub async fn handle(
     if parts.method != Method::POST {
         let res = app
             .upstream
-            .forward(
-                parts,
-                stream(body),
-                &path,
-                query.as_deref(),
-                peer.ip(),
-                call,
-            )
+            .forward(parts, stream(body), &path, query.as_deref(), conn, call)
             .await?;
         return Ok(relay(res));
     }
@@ -50,7 +41,10 @@ pub async fn handle(
     let (ask, rewritten) = read_request(&bytes, guest)?;
     let forward_bytes = rewritten.map_or(bytes, Into::into);
     headers::set_content_length(&mut parts.headers, forward_bytes.len());
-    let request_id = parts.headers.get(&super::request_id::HEADER).cloned();
+    let request_id = parts
+        .headers
+        .get(&crate::telemetry::request_id::HEADER)
+        .cloned();
     let res = app
         .upstream
         .forward(
@@ -58,7 +52,7 @@ pub async fn handle(
             full(forward_bytes),
             &path,
             query.as_deref(),
-            peer.ip(),
+            conn,
             call,
         )
         .await?;

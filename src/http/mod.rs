@@ -5,7 +5,6 @@ pub mod error;
 mod forward;
 pub mod login;
 mod refresh;
-pub mod request_id;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,14 +30,14 @@ use tracing::Instrument;
 use crate::body::{self as body, Body, BoxError, ClientBody, full, read_limited};
 use crate::config::{HttpConfig, TrustedProxies};
 use crate::matrix::routes::{self, Route};
-use crate::metrics::{InFlight, Metrics};
-use crate::proxy::Upstream;
-use crate::proxy::client_ip::client_ip;
 use crate::ratelimit::RateLimits;
+use crate::ratelimit::client_ip::client_ip;
 use crate::session::Sessions;
 use crate::store::Store;
+use crate::telemetry::metrics::{InFlight, Metrics};
+use crate::telemetry::request_id::{self, RequestId};
+use crate::upstream::{ClientConn, ClientScheme, Upstream};
 pub use error::ApiError;
-use request_id::RequestId;
 
 /// Largest request head (request line and headers) the proxy accepts.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -146,19 +145,6 @@ pub struct App {
     pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
-/// How the client reached the proxy, put in each request's extensions by [`serve`]; it becomes
-/// `X-Forwarded-Proto` upstream (the homeserver builds its URLs from it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientScheme {
-    Http,
-    Https,
-}
-
-/// Whether the TCP peer is in `trusted_proxies` (its `X-Forwarded-*` headers are believed); put
-/// in each request's extensions by [`serve`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TrustedPeer(pub bool);
-
 /// The rate limits checked before routing (issue 4): `all` on every request, `login` on
 /// `POST /login` and `POST /register`, and the per-IP half of `refresh` on `POST /refresh` (the
 /// per-session half needs the body: `refresh.rs` checks it before the store is asked). Other
@@ -209,7 +195,7 @@ pub fn with_user(mut res: Response<Body>, user_id: Option<String>) -> Response<B
 /// Routes one request, records its metrics and logs one line for it: method, route class,
 /// status, latency, request id and user id when known; never the path, the query or any other
 /// header.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ClientConn) -> Response<Body> {
     let started = Instant::now();
     let h1 = req.version() <= http::Version::HTTP_11;
     let (parts, b) = req.into_parts();
@@ -230,11 +216,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     // Lines logged while handling (warnings, purges) carry the request id too.
     let span = tracing::info_span!("request", request_id = %request_id);
     let result = async {
-        rate_limit(&app, &route, &req, peer).await?;
+        rate_limit(&app, &route, &req, conn.peer).await?;
         match &route {
             Route::Refresh => refresh::handle(&app, req).await,
-            Route::Login | Route::Register => login::handle(&app, req, route.clone(), peer).await,
-            other => forward::handle(&app, req, other.clone(), peer).await,
+            Route::Login | Route::Register => login::handle(&app, req, route.clone(), &conn).await,
+            other => forward::handle(&app, req, other.clone(), &conn).await,
         }
     }
     .instrument(span)
@@ -390,21 +376,22 @@ pub async fn serve(
                 let activity = conn::Activity::new();
                 // The certificate in force now; a reload affects later connections only.
                 let acceptor = app.tls.as_ref().map(|t| t.acceptor());
-                let scheme = match acceptor {
-                    Some(_) => ClientScheme::Https,
-                    None => ClientScheme::Http,
+                let conn = ClientConn {
+                    peer,
+                    scheme: match acceptor {
+                        Some(_) => ClientScheme::Https,
+                        None => ClientScheme::Http,
+                    },
+                    trusted: app.trusted_proxies.contains(peer.ip()),
                 };
-                let trusted = TrustedPeer(app.trusted_proxies.contains(peer.ip()));
                 let handshake_timeout = app.http.header_read_timeout;
                 let app = app.clone();
                 let act = activity.clone();
-                let svc = service_fn(move |mut req: Request<Incoming>| {
-                    req.extensions_mut().insert(scheme);
-                    req.extensions_mut().insert(trusted);
+                let svc = service_fn(move |req: Request<Incoming>| {
                     let app = app.clone();
                     let in_flight = act.request();
                     async move {
-                        let res = handle(app, req, peer).await;
+                        let res = handle(app, req, conn).await;
                         drop(in_flight);
                         Ok::<_, Infallible>(res)
                     }

@@ -8,8 +8,8 @@ use serde_json::json;
 use super::{ApiError, App, json_response, read_body, with_user};
 use crate::body::{Body, ClientBody};
 use crate::matrix::purge::PurgeCause;
-use crate::metrics::RefreshOutcome;
 use crate::session::Refreshed;
+use crate::telemetry::metrics::RefreshOutcome;
 
 pub async fn handle(app: &App, req: Request<ClientBody>) -> Result<Response<Body>, ApiError> {
     match *req.method() {

@@ -1,5 +1,6 @@
 //! Session storage implementations of [`crate::session::TokenStore`].
 
+pub mod connection;
 pub mod instrumented;
 pub mod redis;
 pub mod sessions_view;

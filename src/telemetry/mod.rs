@@ -1,11 +1,15 @@
-//! Logging. Nothing here ever receives a token: handlers log route classes, statuses, user and
-//! device ids only.
+//! What follows a request into logs and scrapes: the log subscriber (here), Prometheus
+//! [`metrics`], and [`request_id`]s. Nothing here ever receives a token: handlers log route
+//! classes, statuses, user and device ids only.
 //!
-//! Lines go to stderr in batches: one `write` per line was one syscall per request (a sixth of
-//! the proxy's syscalls on the passthrough path, and a wake-up of journald or the container log
-//! reader every time). Lines are kept whole, in order, and written at the latest
-//! [`FLUSH_EVERY`] later, when [`FLUSH_AT`] bytes are pending, or at once for warnings and
-//! errors; [`flush`] runs at exit and on a panic.
+//! Log lines go to stderr in batches: one `write` per line was one syscall per request (a sixth
+//! of the proxy's syscalls on the passthrough path, and a wake-up of journald or the container
+//! log reader every time). Lines are kept whole and in order, and written about
+//! [`FLUSH_EVERY`] after the first of a batch, when [`FLUSH_AT`] bytes are pending, or at once
+//! for warnings and errors; [`flush`] runs at exit and on a panic.
+
+pub mod metrics;
+pub mod request_id;
 
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
