@@ -378,6 +378,8 @@ dfl="http://127.0.0.1:$def_port/_matrix/client/v3"
 run defaults_refresh -c"$conns" -d"${secs}s" -s "$tmp/refresh.lua" "$dfl/refresh"
 run defaults_login -c"$conns" -d"${secs}s" -s "$tmp/login.lua" "$dfl/login"
 rss_after=$(rss "$proxy_pid")
+# BENCH_RESULTS=FILE: keep the raw rows (case rps p50 p99 non2xx server_us redis_us upstream_us).
+[[ -z "${BENCH_RESULTS:-}" ]] || cp "$results" "$BENCH_RESULTS"
 echo "  load after: $(uptime)" >&2
 
 python3 - "$results" "$rss_idle" "$rss_after" "$(nginx -v 2>&1 | sed 's/.*\///')" <<'PY'
@@ -398,7 +400,7 @@ names = ["nginx", "nginx_bare", "proxy_access_token", "hs_token_passthrough",
 names += ["before_" + n for n in names[2:] if "before_" + n in rows]
 for name in names:
     bad = sum(r[3] for r in rows[name])
-    print(f"{name:42} {med(name,0):9.0f} {med(name,0)/base:8.2f} {med(name,0)/bare:7.2f} {med(name,1):7.2f} {med(name,2):7.2f} {bad:8} {med(name,4):14.1f} {med(name,5):6.1f} {med(name,6):8.1f} {cpu("nginx")/cpu(name):12.2f}")
+    print(f"{name:42} {med(name,0):9.0f} {med(name,0)/base:8.2f} {med(name,0)/bare:7.2f} {med(name,1):7.2f} {med(name,2):7.2f} {bad:8} {med(name,4):14.1f} {med(name,5):6.1f} {med(name,6):8.1f} {cpu('nginx')/cpu(name):12.2f}")
 print()
 print("fixed rate (50 % of nginx max), median of 2:")
 for name in [n for n in ["lat_nginx", "lat_proxy_access_token", "lat_before_proxy_access_token"] if n in rows]:

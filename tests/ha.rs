@@ -498,6 +498,17 @@ async fn sentinel_failover_and_killed_master_lose_nothing() {
     assert_clean(&stats, lost);
     logout_is_seen_by_the_other_replica(&urls).await;
     assert!(a.logs().contains("Sentinel master changed"), "{}", a.logs());
+    let m = common::get_url(&client(), &format!("{}/metrics", a.admin_url())).await;
+    let m = String::from_utf8_lossy(&m.body).into_owned();
+    let switches: u64 = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("mrp_redis_master_switches_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(switches >= 2, "two failovers followed: {switches}");
     drop((a, b));
     shared_login_budget(&hs, &loc).await;
 }
