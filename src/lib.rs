@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::http::App;
 use crate::ratelimit::{AbortOnDrop, HOUSEKEEPING_INTERVAL, RateLimits};
-use crate::session::{Sessions, SystemClock};
+use crate::session::Sessions;
 use crate::store::{Instrumented, RedisSettings, RedisStore};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -72,8 +72,8 @@ pub fn app(config: &Config) -> Result<App, RunError> {
     let sessions = Sessions::new(
         Instrumented::new(store.clone(), metrics.clone()),
         config.tokens,
-        Arc::new(SystemClock),
-        Box::new(rand::rngs::OsRng),
+        session::clock_from_env(),
+        Box::new(session::os_random::OsRandom::new()),
     )
     .with_escrow(escrow);
     Ok(App {
