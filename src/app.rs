@@ -63,7 +63,7 @@ impl App {
             Instrumented::new(store.clone(), metrics.clone()),
             config.tokens,
             crate::session::clock_from_env(),
-            Box::new(rand::rngs::OsRng),
+            Box::new(crate::session::os_random::OsRandom::new()),
         )
         .with_escrow(escrow);
         Ok(App {
