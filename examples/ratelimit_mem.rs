@@ -13,9 +13,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use governor::clock::FakeRelativeClock;
+use matrix_refresh_proxy::StoreError;
 use matrix_refresh_proxy::config::Config;
-use matrix_refresh_proxy::ratelimit::{Limited, RateLimits, SharedLimiter};
-use matrix_refresh_proxy::session::StoreError;
+use matrix_refresh_proxy::{Limited, RateLimits, SharedLimiter};
 
 /// The local backend never asks the shared one.
 struct NoShared;

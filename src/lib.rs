@@ -2,19 +2,35 @@
 //!
 //! See `DESIGN.md` in the shared folder for the behaviour contract, and README.md for operation.
 
-pub mod admin;
-pub mod app;
-pub mod body;
+// The whole configuration is API: the binary, the tests and the examples build and read it.
 pub mod config;
-pub mod lifecycle;
-pub mod matrix;
-pub mod ratelimit;
-pub mod server;
-pub mod session;
-pub mod store;
-pub mod telemetry;
-pub mod tls;
-pub mod upstream;
+
+mod admin;
+mod app;
+mod body;
+mod lifecycle;
+mod matrix;
+mod ratelimit;
+mod server;
+mod session;
+mod store;
+mod telemetry;
+mod tls;
+mod upstream;
+
+// What the binary, the tests and the examples use besides `config` and `run`; everything else
+// is private, so the compiler finds what nothing uses.
+pub use ratelimit::{Limited, RateLimits, SharedLimiter};
+pub use session::{ProxyToken, SessionId, StoreError, TokenKind};
+pub use telemetry::{flush as flush_logs, init as init_logging};
+pub use tls::check_files;
+
+/// The parsers the fuzz targets (`fuzz/`) drive.
+pub mod fuzzing {
+    pub use crate::matrix::login::take_flags;
+    pub use crate::matrix::routes::classify;
+    pub use crate::upstream::credentials::{presented, rewrite_query, strip_proxy_tokens};
+}
 
 use std::future::Future;
 use std::path::PathBuf;

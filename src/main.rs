@@ -99,14 +99,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             cmd,
         );
     }
-    matrix_refresh_proxy::tls::check_files(&config)
+    matrix_refresh_proxy::check_files(&config)
         .and_then(|()| config.escrow_keys().map(drop))
         .with_context(context)?;
     if let Some(Command::CheckConfig) = cli.command {
         println!("{}: OK", cli.config.display());
         return Ok(());
     }
-    matrix_refresh_proxy::telemetry::init(&config.log);
+    matrix_refresh_proxy::init_logging(&config.log);
     let runtime = runtime().context("starting the async runtime")?;
     let path = cli.config.clone();
     let result = runtime.block_on(async {
@@ -119,7 +119,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let _ = begin_shutdown.send(());
             signals.next().await;
             tracing::warn!("second signal: exiting without waiting for in-flight requests");
-            matrix_refresh_proxy::telemetry::flush();
+            matrix_refresh_proxy::flush_logs();
             std::process::exit(1);
         });
         matrix_refresh_proxy::run(config, Some(path), async {
@@ -130,7 +130,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Ok(())
     });
     // Pending log lines go out before main's own error line.
-    matrix_refresh_proxy::telemetry::flush();
+    matrix_refresh_proxy::flush_logs();
     result
 }
 

@@ -209,7 +209,8 @@ pub struct ServerTls {
 
 struct Loaded {
     config: Arc<ServerConfig>,
-    /// Of the leaf certificate ([`fingerprint`]).
+    /// Of the leaf certificate ([`fingerprint`]); logged when loaded, read back by tests.
+    #[cfg(test)]
     fingerprint: String,
 }
 
@@ -226,6 +227,7 @@ impl ServerTls {
             files: files.clone(),
             current: ArcSwap::from_pointee(Loaded {
                 config: Arc::new(config),
+                #[cfg(test)]
                 fingerprint,
             }),
         })
@@ -238,6 +240,7 @@ impl ServerTls {
         // Swap first, then log: whoever reads the log line can rely on the new certificate.
         self.current.store(Arc::new(Loaded {
             config: Arc::new(config),
+            #[cfg(test)]
             fingerprint: fingerprint.clone(),
         }));
         tracing::info!(
@@ -254,6 +257,7 @@ impl ServerTls {
     }
 
     /// The SHA-256 fingerprint of the leaf certificate in force.
+    #[cfg(test)]
     pub fn fingerprint(&self) -> String {
         self.current.load().fingerprint.clone()
     }

@@ -360,22 +360,27 @@ async fn upstream_unreachable_is_502_and_timeout_is_504() {
     assert_eq!(h.whoami(&at(&v)).await.status, 200);
 }
 
+/// A proxy whose clients (loopback) are, or are not, a trusted proxy.
+async fn behind_loopback_proxy(trusted: bool) -> Harness {
+    let extra = if trusted {
+        "trusted_proxies: [\"127.0.0.1\"]\n"
+    } else {
+        ""
+    };
+    Harness::with(
+        ProxyOptions {
+            extra: extra.into(),
+            ..Default::default()
+        },
+        false,
+    )
+    .await
+}
+
 #[tokio::test]
 async fn forwarded_proto_of_a_trusted_ingress_is_kept() {
     for (trusted, want) in [(true, "https"), (false, "http")] {
-        let extra = if trusted {
-            "trusted_proxies: [\"127.0.0.1\"]\n"
-        } else {
-            ""
-        };
-        let h = Harness::with(
-            ProxyOptions {
-                extra: extra.into(),
-                ..Default::default()
-            },
-            false,
-        )
-        .await;
+        let h = behind_loopback_proxy(trusted).await;
         let r = h
             .send(
                 Method::GET,
@@ -398,19 +403,7 @@ async fn forwarded_proto_of_a_trusted_ingress_is_kept() {
 #[tokio::test]
 async fn forwarding_headers_of_untrusted_peers_are_replaced_and_trusted_chains_extended() {
     for trusted in [false, true] {
-        let extra = if trusted {
-            "trusted_proxies: [\"127.0.0.1\"]\n"
-        } else {
-            ""
-        };
-        let h = Harness::with(
-            ProxyOptions {
-                extra: extra.into(),
-                ..Default::default()
-            },
-            false,
-        )
-        .await;
+        let h = behind_loopback_proxy(trusted).await;
         let v = h.login("alice").await;
         h.hs.clear_requests();
         let auth = format!("Bearer {}", at(&v));

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, Request};
 use http_body_util::BodyExt;
-use matrix_refresh_proxy::session::{ProxyToken, SessionId, TokenKind};
+use matrix_refresh_proxy::{ProxyToken, SessionId, TokenKind};
 use serde_json::{Value, json};
 
 const LOGIN: &str = "/_matrix/client/v3/login";

@@ -1,7 +1,7 @@
 #![no_main]
 //! The path classifier: never panics on any method and path.
 use libfuzzer_sys::fuzz_target;
-use matrix_refresh_proxy::matrix::routes::classify;
+use matrix_refresh_proxy::fuzzing::classify;
 
 fuzz_target!(|input: (u8, &str)| {
     let (m, path) = input;

@@ -127,10 +127,8 @@ pub fn plan(route: &Route, who: Requester<'_>, body: Option<&[u8]>) -> Purge {
         Route::LogoutAll | Route::Deactivate if user => Purge::AllOfUser,
         Route::DeleteDevice(id) if user => Purge::Devices(vec![id.clone()]),
         Route::DeleteDevices if user => {
-            let v: Option<Value> = body.and_then(|b| serde_json::from_slice(b).ok());
-            let devices = v
+            let devices = member(body, "devices")
                 .as_ref()
-                .and_then(|v| v.get("devices"))
                 .and_then(Value::as_array)
                 .map(|a| {
                     a.iter()
@@ -144,10 +142,8 @@ pub fn plan(route: &Route, who: Requester<'_>, body: Option<&[u8]>) -> Purge {
         Route::ChangePassword if user => {
             // Spec "Password management": logout_devices defaults to true; the requester's own
             // session SHOULD NOT be revoked.
-            let v: Option<Value> = body.and_then(|b| serde_json::from_slice(b).ok());
-            let logout = v
+            let logout = member(body, "logout_devices")
                 .as_ref()
-                .and_then(|v| v.get("logout_devices"))
                 .and_then(Value::as_bool)
                 .unwrap_or(true);
             match (who.device, logout) {
@@ -158,6 +154,14 @@ pub fn plan(route: &Route, who: Requester<'_>, body: Option<&[u8]>) -> Purge {
         }
         _ => Purge::None,
     }
+}
+
+/// A member of a JSON object body (none when the body is absent or not such an object).
+fn member(body: Option<&[u8]>, key: &str) -> Option<Value> {
+    let Value::Object(mut obj) = serde_json::from_slice(body?).ok()? else {
+        return None;
+    };
+    obj.remove(key)
 }
 
 /// A homeserver's 401 body: `M_UNKNOWN_TOKEN` without `soft_logout: true` means the upstream

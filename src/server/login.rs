@@ -9,7 +9,7 @@ use crate::body::{Body, ClientBody, full, stream};
 use crate::matrix::login::{LoginAnswer, LoginAsk, Wrap, is_guest, read_request};
 use crate::matrix::purge::PurgeCause;
 use crate::matrix::routes::Route;
-use crate::session::SessionInfo;
+use crate::session::{IssuedPair, SessionInfo};
 use crate::telemetry::metrics::UpstreamCall;
 use crate::upstream::{ClientConn, credentials, headers, relay, with_json_body};
 
@@ -75,16 +75,7 @@ pub async fn handle(
             device_id,
         } => {
             let info = SessionInfo { user_id, device_id };
-            let pair = match app.sessions.mint(&upstream_token, info).await {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::error!(error = %e, "could not store a new session");
-                    // The client gets a 503 and never sees this token: end the device upstream
-                    // rather than leave it behind, logged in, with a token nobody holds.
-                    logout_orphan(app, &upstream_token, request_id.as_ref()).await;
-                    return Err(ApiError::StoreUnavailable);
-                }
-            };
+            let pair = mint(app, &upstream_token, info, request_id.as_ref()).await?;
             app.metrics.session_minted(&route);
             let wrapped = answer.with_pair(
                 pair.access.expose(),
@@ -105,6 +96,25 @@ pub async fn handle(
         Wrap::Untouched => with_json_body(res_parts, res_bytes),
     };
     Ok(with_user(out, logged_user))
+}
+
+/// A new proxy session for the homeserver's token. When it cannot be stored the client gets a
+/// 503 and never sees this token: the device is ended upstream rather than left behind, logged
+/// in, with a token nobody holds.
+async fn mint(
+    app: &App,
+    upstream_token: &str,
+    info: SessionInfo,
+    request_id: Option<&HeaderValue>,
+) -> Result<IssuedPair, ApiError> {
+    match app.sessions.mint(upstream_token, info).await {
+        Ok(pair) => Ok(pair),
+        Err(e) => {
+            tracing::error!(error = %e, "could not store a new session");
+            logout_orphan(app, upstream_token, request_id).await;
+            Err(ApiError::StoreUnavailable)
+        }
+    }
 }
 
 /// Re-login on an existing device: its earlier proxy sessions end. A store failure fails the

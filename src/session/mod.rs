@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use rand::RngCore;
 
-pub use token::{ProxyToken, SessionId, TokenError, TokenKind};
+pub use token::{ProxyToken, SessionId, TokenKind};
 
 /// Milliseconds since the Unix epoch, on the store's clock (Redis `TIME`).
 pub type Millis = u64;
@@ -183,11 +183,8 @@ pub enum AccessRecord {
     Superseded,
     Found {
         sealed_upstream: Vec<u8>,
-        /// The store's decision on its clock: `now < expires_at`.
+        /// The store's decision on its clock (Redis `TIME` + offset): now < the token's expiry.
         valid: bool,
-        expires_at: Millis,
-        /// The store's now (Redis `TIME` + offset) when it decided.
-        now: Millis,
         info: SessionInfo,
     },
 }
@@ -506,15 +503,6 @@ impl<S: TokenStore> Sessions<S> {
                     Ok(Authenticated::Expired(auth))
                 }
             }
-        }
-    }
-
-    /// `POST /refresh` (spec "Refreshing access tokens").
-    pub async fn refresh(&self, rt_text: &str) -> Result<Refreshed, StoreError> {
-        let ungated = |_| async { Ok::<(), std::convert::Infallible>(()) };
-        match self.refresh_gated(rt_text, ungated).await? {
-            Ok(r) => Ok(r),
-            Err(never) => match never {},
         }
     }
 

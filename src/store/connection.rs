@@ -127,23 +127,6 @@ impl RedisConn {
             }
         }
     }
-
-    /// Which deployment, for logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            RedisConn::Single(_) => "single",
-            RedisConn::Sentinel(_) => "sentinel",
-            RedisConn::Cluster(_) => "cluster",
-        }
-    }
-
-    /// How many times the Sentinel master changed under this connection (0 otherwise).
-    pub fn master_switches(&self) -> u64 {
-        match self {
-            RedisConn::Sentinel(s) => s.switches.load(Ordering::Relaxed),
-            _ => 0,
-        }
-    }
 }
 
 impl ConnectionLike for RedisConn {

@@ -22,10 +22,6 @@ impl<S> Instrumented<S> {
     pub fn new(inner: S, metrics: Arc<Metrics>) -> Self {
         Instrumented { inner, metrics }
     }
-
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: TokenStore> Instrumented<S> {

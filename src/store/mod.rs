@@ -7,7 +7,6 @@ pub mod sessions_view;
 
 pub use self::instrumented::Instrumented;
 pub use self::redis::{RedisSettings, RedisStore};
-pub use self::sessions_view::SessionView;
 
 /// The store the proxy runs on: Redis, with every call timed and failures counted.
 pub type Store = Instrumented<RedisStore>;

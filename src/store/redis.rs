@@ -422,17 +422,16 @@ impl TokenStore for RedisStore {
             // {status, sealed, expiry, user, device, now}: the decision is the script's.
             "valid" | "expired" => {
                 let sealed = bytes(rest.next().ok_or_else(short)?)?;
-                let exp = number(rest.next().ok_or_else(short)?)?;
+                // The expiry and the store's now follow the status (checked, not needed here).
+                number(rest.next().ok_or_else(short)?)?;
                 let info = info(
                     rest.next().ok_or_else(short)?,
                     rest.next().ok_or_else(short)?,
                 )?;
-                let now = number(rest.next().ok_or_else(short)?)?;
+                number(rest.next().ok_or_else(short)?)?;
                 AccessRecord::Found {
                     sealed_upstream: sealed,
                     valid: status == "valid",
-                    expires_at: exp,
-                    now,
                     info,
                 }
             }
@@ -673,16 +672,6 @@ impl RedisStore {
     /// Whether this is a Redis Cluster (keys of different slots live on different nodes).
     pub(super) fn cluster(&self) -> bool {
         matches!(self.conn, RedisConn::Cluster(_))
-    }
-
-    /// Which deployment: `single`, `sentinel` or `cluster`.
-    pub fn topology(&self) -> &'static str {
-        self.conn.kind()
-    }
-
-    /// Sentinel master switches followed so far (0 for other deployments).
-    pub fn master_switches(&self) -> u64 {
-        self.conn.master_switches()
     }
 
     /// For Sentinel: a receiver notified with the new master's address on each switch (so a

@@ -590,10 +590,6 @@ impl Metrics {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    pub fn sessions_alive(&self) -> i64 {
-        self.sessions_alive.get()
-    }
-
     /// One admin API call answered with `status`; `action` is from a closed set.
     pub fn admin_call(&self, action: &'static str, status: u16) {
         self.admin_calls
