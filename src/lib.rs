@@ -73,7 +73,7 @@ pub fn app(config: &Config) -> Result<App, RunError> {
         Instrumented::new(store.clone(), metrics.clone()),
         config.tokens,
         session::clock_from_env(),
-        Box::new(rand::rngs::OsRng),
+        Box::new(session::os_random::OsRandom::new()),
     )
     .with_escrow(escrow);
     Ok(App {
