@@ -222,19 +222,6 @@ impl ProxyProcess {
         self.logs.lock().unwrap().clone()
     }
 
-    /// The logs once they contain `needle` (a line logged as an answer goes out can reach the
-    /// captured stderr a moment after the client has the answer), or as they are after 2 s.
-    pub async fn logs_with(&self, needle: &str) -> String {
-        for _ in 0..100 {
-            let logs = self.logs();
-            if logs.contains(needle) {
-                return logs;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        self.logs()
-    }
-
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
