@@ -55,8 +55,12 @@ enum SessionsCommand {
     },
     /// End one session (by its id) or all of a user's sessions (`--user`).
     Revoke {
-        /// The session id shown by `sessions list`.
-        #[arg(required_unless_present = "user", conflicts_with = "user")]
+        /// The session id shown by `sessions list` (base64url: it may begin with `-`).
+        #[arg(
+            required_unless_present = "user",
+            conflicts_with = "user",
+            allow_hyphen_values = true
+        )]
         session_id: Option<String>,
         /// End every session of this user.
         #[arg(long)]

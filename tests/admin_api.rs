@@ -58,6 +58,19 @@ async fn admin(h: &Harness, method: Method, path: &str) -> Reply {
     call(h, method, path, Some(SECRET)).await
 }
 
+/// The proxy's logs once a line containing every one of `needles` is there (log lines are
+/// written in batches, up to 20 ms late); after 2 s, whatever there is.
+async fn logs_with(h: &Harness, needles: &[&str]) -> String {
+    for _ in 0..100 {
+        let logs = h.proxy.logs();
+        if logs.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+            return logs;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    h.proxy.logs()
+}
+
 fn sessions(r: &Reply) -> Vec<Value> {
     assert_eq!(r.status, 200, "{:?}", r.json());
     r.json()["sessions"].as_array().unwrap().clone()
@@ -131,7 +144,7 @@ async fn list_then_revoke_one_session() {
     assert_eq!(r.errcode(), "M_NOT_FOUND");
 
     // The audit line: caller, action, user, count; never the secret.
-    let logs = h.proxy.logs();
+    let logs = logs_with(h, &["admin call", "revoke_session", "count=1"]).await;
     let line = logs
         .lines()
         .find(|l| l.contains("admin call") && l.contains("revoke_session") && l.contains("count=1"))
@@ -274,7 +287,7 @@ async fn authentication_and_rate_limit() {
         assert_eq!(r.status, 401);
     }
     assert!(limited, "guesses were never rate limited");
-    let logs = h.proxy.logs();
+    let logs = logs_with(h, &["auth_failed"]).await;
     assert!(logs.contains("auth_failed"), "{logs}");
     assert!(
         !logs.contains("guess"),
@@ -422,6 +435,13 @@ async fn cli_list_and_revoke() {
     let (ok, _, err) = cli(h, &["sessions", "list", "ivan"]);
     assert!(!ok);
     assert!(err.contains("M_INVALID_PARAM"), "{err}");
+    // Session ids are base64url: one in 32 begins with `-`, and is a value, not a flag.
+    let (ok, _, err) = cli(
+        h,
+        &["sessions", "revoke", "-AAAAAAAAAAAAAAAAAAAAA", "--json"],
+    );
+    assert!(!ok);
+    assert!(err.contains("M_NOT_FOUND"), "{err}");
     // No admin.upstream_key_file on this proxy: --logout-upstream says how to enable it.
     let l3 = h.login("ivan").await;
     let (ok, _, err) = cli(
@@ -647,12 +667,15 @@ async fn logout_upstream_ends_the_homeserver_device_too() {
     assert_eq!(h.whoami(&at(&grace)).await.status, 200);
     assert!(h.hs.is_live(&ut_grace));
 
-    // Audit lines carry the counts; no token, upstream or proxy, is ever logged.
-    let logs = h.proxy.logs();
-    let line = logs
-        .lines()
-        .find(|l| l.contains("admin call") && l.contains("revoke_user_sessions"))
-        .unwrap_or_else(|| panic!("no audit line:\n{logs}"));
+    // Audit lines carry the counts; no token, upstream or proxy, is ever logged. (Log lines
+    // are written in batches, up to 20 ms late.)
+    let logs = logs_with(h, &["admin call", "revoke_user_sessions"]).await;
+    let audit = |logs: &str| {
+        logs.lines()
+            .find(|l| l.contains("admin call") && l.contains("revoke_user_sessions"))
+            .map(str::to_owned)
+    };
+    let line = audit(&logs).unwrap_or_else(|| panic!("no audit line:\n{logs}"));
     assert!(
         line.contains("count=2")
             && line.contains("upstream_done=1")
@@ -768,7 +791,9 @@ async fn upstream_key_rotation_keeps_the_previous_key_readable() {
     );
     assert!(h.hs.is_live(&new_ut) && h.hs.is_live(&older_ut));
     assert!(
-        h.proxy.logs().contains("opens under no configured key"),
+        logs_with(&h, &["opens under no configured key"])
+            .await
+            .contains("opens under no configured key"),
         "the reason is logged"
     );
 }

@@ -189,7 +189,7 @@ async fn redis_cost_per_login_refresh_and_request() {
         (keys.len() as u64, bytes)
     };
     let sessions_total = mem("mrp:{*}:*");
-    let index_total = mem("mrp:u:*");
+    let index_total = mem("mrp:u*");
     let per_session = sessions_total.1 as f64 / (N + 1) as f64;
     let per_index = index_total.1 as f64 / (N + 1) as f64;
     let used_memory = h

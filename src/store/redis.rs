@@ -13,7 +13,9 @@
 //! | `mrp:{T}:k` | zset | names of the session's live token keys (`a:`, `r:`), scored by their expiry; a name leaves when its key is deleted, and is rescored when its TTL is shortened | as the session |
 //! | `mrp:{T}:x` | zset | markers of superseded access tokens: the first 22 characters of the id, scored by its expiry; the 16 newest, each until expiry + 1 h (answers soft logout once the full record is gone) | as the session |
 //! | `mrp:{T}:used` | zset | the first 22 characters of the ids of the 64 latest refresh tokens whose grace ended (reuse detection) | as the session |
-//! | `mrp:u:{<user id>}` | hash | session tag → `device id \n expiry ms` | longest of the user's sessions |
+//! | `mrp:us:{<user id>}` | zset | the user's session tags, scored by when the session's keys expire (Redis `TIME`, no offset); O(log n) per login/refresh (`lua/index_add.lua`: ZADD, and at most 8 expired entries pruned), no cap | longest of the user's sessions |
+//! | `mrp:ud:{<user id>}` | hash | session tag → device id, the same entries as `mrp:us:` | as `mrp:us:` |
+//! | `mrp:u:{<user id>}` | hash | index of earlier versions (session tag → `device id \n expiry ms`): still read by `/logout/all` and the admin API, emptied as its sessions are touched, never written | as left by the earlier version |
 //! | `mrp:rl:<limiter>:{<id>}` | string | shared rate limit (`rate_limit.backend: redis`): GCRA arrival time in µs of Redis `TIME`; `<id>` is a client IP or a session tag | until the budget is full again |
 //!
 //! So a session holds at most 8 keys whatever its number of refreshes: `s`, `k`, `x`, `used`, the
@@ -164,6 +166,7 @@ struct Scripts {
     rotate: Lua,
     purge: Lua,
     index_add: Lua,
+    index_del: Lua,
     gcra: Lua,
     touch: Lua,
 }
@@ -218,7 +221,19 @@ impl Keys {
     }
 }
 
+/// The per-user index: a sorted set of session tags scored by expiry.
 fn user_key(user_id: &str) -> String {
+    format!("mrp:us:{{{user_id}}}")
+}
+
+/// Beside [`user_key`]: session tag → device id.
+fn user_devices_key(user_id: &str) -> String {
+    format!("mrp:ud:{{{user_id}}}")
+}
+
+/// The per-user index of earlier versions (hash tag → `device \n expiry`), read and emptied
+/// until it expires; same hash tag, so the same slot, as [`user_key`].
+fn legacy_user_key(user_id: &str) -> String {
     format!("mrp:u:{{{user_id}}}")
 }
 
@@ -301,6 +316,7 @@ impl RedisStore {
                 rotate: script(include_str!("lua/rotate.lua")),
                 purge: script(include_str!("lua/purge.lua")),
                 index_add: script(include_str!("lua/index_add.lua")),
+                index_del: Lua::new(include_str!("lua/index_del.lua").to_owned()),
                 // Self-contained: no session helpers.
                 gcra: Lua::new(include_str!("lua/gcra.lua").to_owned()),
                 touch: Lua::new(include_str!("lua/touch.lua").to_owned()),
@@ -565,18 +581,33 @@ impl TokenStore for RedisStore {
 
     async fn user_sessions(&self, user_id: &str) -> Result<Vec<(SessionId, String)>, StoreError> {
         let mut c = self.conn.clone();
-        let all: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(user_key(user_id))
+        // Entries of sessions gone by TTL may linger until the next login or refresh prunes
+        // them; callers read or purge sessions, and a gone one is simply absent.
+        // The device hash has the same entries as the index (both written and pruned together).
+        let devices: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(user_devices_key(user_id))
             .query_async(&mut c)
             .await
             .map_err(err)?;
-        Ok(all
+        let mut out: Vec<(SessionId, String)> = devices
             .into_iter()
-            .filter_map(|(tag, v)| {
-                let device = v.rsplit_once('\n').map(|(d, _)| d).unwrap_or(&v).to_owned();
-                Some((SessionId::from_tag(&tag)?, device))
-            })
-            .collect())
+            .filter_map(|(tag, device)| Some((SessionId::from_tag(&tag)?, device)))
+            .collect();
+        // Sessions made by earlier versions, until their old index expires.
+        let legacy: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(legacy_user_key(user_id))
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        for (tag, v) in legacy {
+            let device = v.rsplit_once('\n').map(|(d, _)| d).unwrap_or(&v).to_owned();
+            if let Some(sid) = SessionId::from_tag(&tag)
+                && !out.iter().any(|(s, _)| *s == sid)
+            {
+                out.push((sid, device));
+            }
+        }
+        Ok(out)
     }
 
     async fn index_session(
@@ -591,6 +622,8 @@ impl TokenStore for RedisStore {
                 &self.scripts.index_add,
                 Call::default()
                     .key(user_key(&info.user_id))
+                    .key(user_devices_key(&info.user_id))
+                    .key(legacy_user_key(&info.user_id))
                     .arg(sid.tag())
                     .arg(&info.device_id)
                     .arg(ms(ttl))
@@ -602,13 +635,17 @@ impl TokenStore for RedisStore {
     }
 
     async fn unindex_session(&self, user_id: &str, sid: SessionId) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
-        let _: Value = redis::cmd("HDEL")
-            .arg(user_key(user_id))
-            .arg(sid.tag())
-            .query_async(&mut c)
-            .await
-            .map_err(err)?;
+        let _: Value = self
+            .run(
+                &self.scripts.index_del,
+                Call::default()
+                    .key(user_key(user_id))
+                    .key(user_devices_key(user_id))
+                    .key(legacy_user_key(user_id))
+                    .arg(sid.tag()),
+                false,
+            )
+            .await?;
         Ok(())
     }
 

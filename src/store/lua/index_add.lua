@@ -1,24 +1,33 @@
--- Adds (or refreshes) a session in its user's index and keeps the index alive at least as long
--- as the session. Each entry carries the session's own expiry, so entries of sessions that died
--- by TTL are pruned here and the index stays bounded.
--- KEYS: 1 user index
+-- Adds (or refreshes) a session in its user's index: a sorted set of session tags scored by
+-- when the session's keys expire, beside a hash tag -> device id. Maintenance is O(log n) per
+-- call whatever the user's number of sessions (no scan): one ZADD and HSET, and the removal of
+-- at most PRUNE entries of sessions already gone by TTL (each entry is removed once, and every
+-- call adds at most one, so the index keeps up). The keys live at least as long as the user's
+-- longest session. They share the user's hash tag (one cluster slot), never a session's.
+-- KEYS: 1 user index (zset `mrp:us:{user}`), 2 devices (hash `mrp:ud:{user}`),
+--       3 the index of earlier versions (hash `mrp:u:{user}`)
 -- ARGV: 1 session tag, 2 device id, 3 ttl ms, 4 clock offset ms
+local PRUNE = 8
 clock(ARGV[4])
--- Entries mirror the session keys' TTLs: Redis' own clock, without the offset.
+-- Scores mirror the session keys' TTLs: Redis' own clock, without the offset.
 local now = real_now
 local ttl = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\n' .. int(now + ttl))
-if redis.call('HLEN', KEYS[1]) > 16 then
-  local all = redis.call('HGETALL', KEYS[1])
-  for i = 1, #all, 2 do
-    local exp = tonumber(string.match(all[i + 1], '\n(%d+)$'))
-    if exp and exp < now then
-      redis.call('HDEL', KEYS[1], all[i])
-    end
-  end
+-- Never shortened: a session's keys only ever get longer TTLs.
+local cur = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if not cur or cur < now + ttl then
+  redis.call('ZADD', KEYS[1], int(now + ttl), ARGV[1])
 end
-local cur = redis.call('PTTL', KEYS[1])
-if cur < ttl then
-  redis.call('PEXPIRE', KEYS[1], int(ttl))
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. int(now), 'LIMIT', 0, PRUNE)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+-- Moved over from the old hash index, if it was there (O(1)).
+redis.call('HDEL', KEYS[3], ARGV[1])
+for i = 1, 2 do
+  if redis.call('PTTL', KEYS[i]) < ttl then
+    redis.call('PEXPIRE', KEYS[i], int(ttl))
+  end
 end
 return 'ok'
