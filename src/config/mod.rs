@@ -3,6 +3,7 @@
 //!
 //! The shipped `config.yaml` at the repository root documents every key.
 
+mod cache;
 mod rate_limit;
 
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use serde::Deserialize;
 
 use crate::session::Lifetimes;
 
+pub use self::cache::CacheConfig;
 pub use self::rate_limit::{LimitConfig, RateLimitBackend, RateLimitConfig};
 pub use crate::proxy::client_ip::TrustedProxies;
 
@@ -34,6 +36,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// TLS on the client listener; `None` = plain HTTP (TLS terminated in front, or none).
     pub tls: Option<TlsConfig>,
+    /// The in-process cache of access-token lookups.
+    pub cache: CacheConfig,
 }
 
 /// The client listener's certificate files (PEM), re-read on SIGHUP.
@@ -158,6 +162,8 @@ struct Raw {
     #[serde(default)]
     admin: RawAdmin,
     tls: Option<RawTls>,
+    #[serde(default)]
+    cache: cache::RawCache,
 }
 
 #[derive(Deserialize, Default)]
@@ -499,6 +505,7 @@ impl Config {
         let rate_limit = rate_limit::rate_limit(raw.rate_limit)?;
         let trusted_proxies = rate_limit::trusted_proxies(raw.trusted_proxies.unwrap_or_default())?;
         let tls = raw.tls.map(tls_files).transpose()?;
+        let cache = cache::cache(raw.cache)?;
 
         Ok(Config {
             listen,
@@ -512,6 +519,7 @@ impl Config {
             rate_limit,
             trusted_proxies,
             tls,
+            cache,
         })
     }
 }

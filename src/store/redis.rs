@@ -65,6 +65,8 @@ struct Scripts {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// For the dedicated invalidation subscriber ([`super::invalidation`]).
+    client: redis::Client,
     scripts: std::sync::Arc<Scripts>,
 }
 
@@ -182,9 +184,10 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(err)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(err)?;
         Ok(RedisStore {
             conn,
+            client,
             scripts: std::sync::Arc::new(Scripts {
                 create: script(include_str!("lua/create.lua")),
                 lookup_access: script(include_str!("lua/lookup_access.lua")),
@@ -480,5 +483,11 @@ impl RedisStore {
     /// The connection, for the operator views in [`super::sessions_view`].
     pub(super) fn connection(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    /// The client the invalidation subscriber opens its own pub/sub connection with (the node
+    /// the data connection talks to).
+    pub(super) fn client(&self) -> &redis::Client {
+        &self.client
     }
 }
