@@ -228,6 +228,18 @@ async fn logout_on_one_replica_is_refused_on_the_other_within_100ms() {
         worst = worst.max(delay);
     }
     eprintln!("worst revocation delay (logout on A, seen on B): {worst:?}");
+    let mut n = [0.0; 3];
+    for (k, result) in ["hit", "miss", "bypass"].iter().enumerate() {
+        let series = format!("mrp_token_cache_lookups_total{{result=\"{result}\"}}");
+        n[k] = metric(&pair.client, &pair.b, &series).await;
+    }
+    eprintln!(
+        "B's cache: {} hits, {} misses, {} bypasses: hit rate {:.1} %",
+        n[0],
+        n[1],
+        n[2],
+        100.0 * n[0] / (n[0] + n[1] + n[2])
+    );
     assert!(
         worst < LIMIT,
         "B served a logged-out token {worst:?} after A's logout"
@@ -280,7 +292,8 @@ async fn reuse_revocation_on_one_replica_is_refused_on_the_other_within_100ms() 
 /// B's invalidation connection is killed (`CLIENT KILL TYPE pubsub`) just before A logs out, so
 /// the revocation is published while B has no subscriber: the message is lost for B, which
 /// reconnects within milliseconds (before heartbeat silence could flush it). B must have
-/// flushed on the disconnect and never serve the revoked token; its cache comes back once its
+/// flushed on the disconnect: it refuses the revoked token within the limit and never after
+/// (without the flush it would serve it until `cache.max_ttl`); its cache comes back once its
 /// subscriber does.
 #[tokio::test]
 async fn a_lost_invalidation_channel_never_lets_a_revoked_token_through() {
@@ -290,6 +303,7 @@ async fn a_lost_invalidation_channel_never_lets_a_revoked_token_through() {
     let flushed_before = metric(&pair.client, &pair.b, flushes).await;
     let redis = ::redis::Client::open(pair.redis.url()).unwrap();
     let mut killer = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut worst = Duration::ZERO;
     for i in 0..5 {
         let v = pair.login(&format!("killed{i}")).await;
         let token = at(&v);
@@ -311,12 +325,22 @@ async fn a_lost_invalidation_channel_never_lets_a_revoked_token_through() {
         )
         .await;
         assert_eq!(r.status, 200);
-        let until = Instant::now() + Duration::from_millis(300);
-        while Instant::now() < until {
-            assert_eq!(
-                whoami(&pair.client, &pair.b.url(), &token).await,
-                401,
-                "B served a revoked token whose invalidation it never received"
+        let revoked = Instant::now();
+        // B may not have read the close of its connection yet (the one delay no client can
+        // avoid): it may answer from its cache until its heartbeats go stale, within the limit.
+        // Past that, never: a lost message must not let the token through.
+        let mut last_200 = None;
+        while Instant::now() < revoked + LIMIT * 3 {
+            if whoami(&pair.client, &pair.b.url(), &token).await == 200 {
+                last_200 = Some(Instant::now());
+            }
+        }
+        if let Some(t) = last_200 {
+            let delay = t.saturating_duration_since(revoked);
+            worst = worst.max(delay);
+            assert!(
+                delay < LIMIT,
+                "B served a revoked token {delay:?} after A's logout (its invalidation was lost)"
             );
         }
         // Back in service before the next round.
@@ -325,6 +349,7 @@ async fn a_lost_invalidation_channel_never_lets_a_revoked_token_through() {
         })
         .await;
     }
+    eprintln!("worst revocation delay (B's subscriber killed, logout on A): {worst:?}");
     assert!(metric(&pair.client, &pair.b, flushes).await >= flushed_before + 5.0);
     // And serving hits again.
     let v = pair.login("after").await;
