@@ -8,12 +8,15 @@
 # Needs BuildKit (the default builder since Docker 23) for the cache mounts.
 
 # ---- build ----
-# rust:1 follows the newest stable release (Cargo.toml's rust-version: >= 1.88).
-# NOT PINNED BY DIGEST YET (no registry access where this was written): pin both FROM lines as
-#   FROM rust:1-slim-bookworm@sha256:<digest> AS builder
-# with the digest from `docker buildx imagetools inspect rust:1-slim-bookworm`.
-# scripts/deploy-check.sh warns while a FROM line has no @sha256: (REQUIRE_DIGEST=1 fails).
-FROM rust:1-slim-bookworm AS builder
+# Both base images are pinned by digest: a rebuild gets the bytes that were reviewed, whatever
+# the tag points to today. The tag stays in the line for people (and Dependabot, see
+# .github/dependabot.yml, which proposes digest bumps). scripts/deploy-check.sh fails on an
+# unpinned FROM line. To move to a newer image:
+#   docker buildx imagetools inspect rust:1-slim-bookworm          # "Digest:" of the index
+#   docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot
+# rust:1 follows the newest stable release; this digest is rust 1.98.0 (Cargo.toml's
+# rust-version: >= 1.88).
+FROM rust:1-slim-bookworm@sha256:1469a27c125cb5a3aebfa4f4e4665d935b02fb72cc093b2c974b3d740e43f157 AS builder
 WORKDIR /src
 # Only what the release build reads: the lock file pins every dependency (--locked).
 COPY Cargo.toml Cargo.lock ./
@@ -28,8 +31,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # ---- runtime ----
 # glibc and libgcc (what a Rust binary links against), CA certificates, no shell, no package
 # manager. Same Debian release as the builder, so the glibc versions match.
-# NOT PINNED BY DIGEST YET: see above (`docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot`).
-FROM gcr.io/distroless/cc-debian12:nonroot
+# Pinned by digest, see above.
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 COPY --from=builder /out/matrix-refresh-proxy /usr/local/bin/matrix-refresh-proxy
 COPY deploy/docker/config.yaml /etc/matrix-refresh-proxy/config.yaml
 # distroless's "nonroot" user, numeric so that Kubernetes' runAsNonRoot can verify it.

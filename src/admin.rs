@@ -20,9 +20,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 
-use crate::http::{App, Body, full};
-use crate::proxy::UpstreamError;
+use crate::body::{Body, full};
+use crate::http::App;
 use crate::session::TokenStore;
+use crate::upstream::UpstreamError;
 
 /// How long a readiness result is reused: probes cannot hammer Redis or the homeserver.
 const READY_CACHE: Duration = Duration::from_secs(1);
@@ -234,7 +235,7 @@ pub async fn handle<P: Probes>(
             text(
                 StatusCode::OK,
                 admin.app.metrics.encode(),
-                crate::metrics::CONTENT_TYPE,
+                crate::telemetry::metrics::CONTENT_TYPE,
             )
         }
         "/health/live" => text(

@@ -3,16 +3,17 @@
 //! See `DESIGN.md` in the shared folder for the behaviour contract, and README.md for operation.
 
 pub mod admin;
+pub mod body;
 pub mod config;
 pub mod http;
 pub mod lifecycle;
-pub mod metrics;
-pub mod proxy;
+pub mod matrix;
 pub mod ratelimit;
 pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod upstream;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -22,11 +23,11 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::http::App;
-use crate::metrics::Metrics;
-use crate::proxy::Upstream;
 use crate::ratelimit::{AbortOnDrop, HOUSEKEEPING_INTERVAL, RateLimits};
 use crate::session::{Sessions, SystemClock};
 use crate::store::{Cached, Instrumented, RedisSettings, RedisStore, TokenCache};
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::Upstream;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]

@@ -94,7 +94,7 @@ pub async fn reload_on_sighup(
             }
         }
         if let Some(path) = &path {
-            match Config::load(path) {
+            match Config::load(path).and_then(|c| crate::tls::check_files(&c).map(|()| c)) {
                 Ok(new) => {
                     apply(&app, &running, &new);
                     running = new;

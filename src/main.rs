@@ -81,6 +81,7 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(&cli.config)
+        .and_then(|c| matrix_refresh_proxy::tls::check_files(&c).map(|()| c))
         .with_context(|| format!("configuration {}", cli.config.display()))?;
     if let Some(Command::CheckConfig) = cli.command {
         println!("{}: OK", cli.config.display());

@@ -1,4 +1,6 @@
 //! TLS, all of it rustls on the `ring` provider:
+//! - the checks of every PEM file the config names ([`check_files`]), run by `check-config`,
+//!   startup and reload;
 //! - the PEM loaders that both startup and `check-config` use ([`read_cert_chain`],
 //!   [`read_private_key`], [`read_ca_bundle`]); their errors never quote file contents;
 //! - the client listener's certificate ([`ServerTls`]), swapped atomically on reload (SIGHUP) so
@@ -23,7 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::TlsConfig;
+use crate::config::{Config, ConfigError, TlsConfig, invalid};
 
 /// Why certificates, keys or trust roots could not be loaded. The texts name the file and never
 /// quote its contents.
@@ -131,6 +133,34 @@ pub fn read_ca_bundle(path: &Path) -> Result<RootCertStore, TlsError> {
             .map_err(|e| pem_error(path, format!("certificate #{}: {e}", i + 1)))?;
     }
     Ok(roots)
+}
+
+/// Reads the files the config names (TLS certificate and key, CA bundles) and checks that they
+/// parse, so the proxy refuses to start, `check-config` fails and a reload is refused on a bad
+/// one. Errors name the config key. [`Config::parse`] does not touch the filesystem.
+pub fn check_files(config: &Config) -> Result<(), ConfigError> {
+    fn named(key: &'static str) -> impl Fn(TlsError) -> ConfigError {
+        move |e| invalid(key, e.to_string())
+    }
+    if let Some(tls) = &config.tls {
+        let chain = read_cert_chain(&tls.cert_file).map_err(named("tls.cert_file"))?;
+        let key = read_private_key(&tls.key_file).map_err(named("tls.key_file"))?;
+        // A leaf that does not parse, or a key of another certificate.
+        server_config(chain, key).map_err(|e| match e {
+            TlsError::KeyMismatch => invalid(
+                "tls.key_file",
+                format!("{e} in tls.cert_file ({})", tls.cert_file.display()),
+            ),
+            e => invalid("tls.cert_file", e.to_string()),
+        })?;
+    }
+    if let Some(ca) = &config.upstream.ca_file {
+        read_ca_bundle(ca).map_err(named("upstream.ca_file"))?;
+    }
+    if let Some(ca) = &config.redis.ca_file {
+        read_ca_bundle(ca).map_err(named("redis.ca_file"))?;
+    }
+    Ok(())
 }
 
 /// The listener's rustls config: the chain and key, ALPN `h2` then `http/1.1` (hyper-util's
@@ -361,6 +391,28 @@ fn system_roots() -> Result<RootCertStore, TlsError> {
 mod tests {
     use super::*;
     use rcgen::{CertificateParams, KeyPair};
+
+    #[test]
+    fn check_files_names_the_key() {
+        let c = Config::parse(
+            "upstream: {url: 'http://hs'}\ntls: {cert_file: /nonexistent/c, key_file: /nonexistent/k}",
+            |_| None,
+        )
+        .unwrap();
+        let e = check_files(&c).unwrap_err().to_string();
+        assert!(
+            e.starts_with("tls.cert_file: cannot read /nonexistent/c"),
+            "{e}"
+        );
+        let c = Config::parse(
+            "upstream: {url: 'https://hs', ca_file: /nonexistent/ca}",
+            |_| None,
+        )
+        .unwrap();
+        let e = check_files(&c).unwrap_err().to_string();
+        assert!(e.starts_with("upstream.ca_file: cannot read"), "{e}");
+        check_files(&Config::parse("upstream: {url: 'http://hs'}", |_| None).unwrap()).unwrap();
+    }
 
     /// A self-signed certificate for 127.0.0.1: (cert PEM, key PEM, fingerprint).
     fn self_signed() -> (String, String, String) {

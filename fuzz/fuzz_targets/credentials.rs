@@ -1,7 +1,7 @@
 #![no_main]
 //! Credential extraction and query rewriting: never panic.
 use libfuzzer_sys::fuzz_target;
-use matrix_refresh_proxy::proxy::credentials::{presented, rewrite_query, strip_proxy_tokens};
+use matrix_refresh_proxy::upstream::credentials::{presented, rewrite_query, strip_proxy_tokens};
 
 fuzz_target!(|input: (&[u8], &str)| {
     let (auth, query) = input;

@@ -1,7 +1,7 @@
 #![no_main]
 //! /login and /register interception: never panics, strips exactly the two flags.
 use libfuzzer_sys::fuzz_target;
-use matrix_refresh_proxy::http::login::take_flags;
+use matrix_refresh_proxy::matrix::login::take_flags;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_slice(data) {

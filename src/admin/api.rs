@@ -26,9 +26,10 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::body::Body;
 use crate::http::error::ApiError;
-use crate::http::{App, Body, json_response};
-use crate::metrics::PurgeCause;
+use crate::http::{App, json_response};
+use crate::matrix::purge::PurgeCause;
 use crate::session::{SessionId, TokenStore};
 
 /// Calls per second per caller IP, sustained.

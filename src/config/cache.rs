@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, duration, invalid};
+use super::raw::duration;
+use super::{ConfigError, invalid};
 
 /// The validated `cache:` section.
 #[derive(Clone, Debug, PartialEq)]

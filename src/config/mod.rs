@@ -5,18 +5,16 @@
 
 mod cache;
 mod rate_limit;
+mod raw;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::session::Lifetimes;
 
 pub use self::cache::CacheConfig;
-pub use self::rate_limit::{LimitConfig, RateLimitBackend, RateLimitConfig};
-pub use crate::proxy::client_ip::TrustedProxies;
+pub use self::rate_limit::{LimitConfig, RateLimitBackend, RateLimitConfig, TrustedProxies};
 
 /// The validated configuration.
 #[derive(Clone, Debug)]
@@ -123,131 +121,10 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
         message: message.into(),
-    }
-}
-
-// ---- raw, as written in YAML ----
-
-/// `Some(None)` for an explicit `null`, `None` for a missing key.
-fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Raw {
-    listen: Option<String>,
-    #[serde(default)]
-    upstream: RawUpstream,
-    #[serde(default)]
-    redis: RawRedis,
-    #[serde(default)]
-    tokens: RawTokens,
-    #[serde(default)]
-    http: RawHttp,
-    #[serde(default)]
-    log: RawLog,
-    shutdown_timeout: Option<String>,
-    #[serde(default)]
-    rate_limit: rate_limit::RawRateLimit,
-    trusted_proxies: Option<Vec<String>>,
-    #[serde(default)]
-    admin: RawAdmin,
-    tls: Option<RawTls>,
-    #[serde(default)]
-    cache: cache::RawCache,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    cert_file: Option<String>,
-    key_file: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    #[serde(default, deserialize_with = "nullable")]
-    listen: Option<Option<String>>,
-    token_file: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    url: Option<String>,
-    connect_timeout: Option<String>,
-    response_timeout: Option<String>,
-    ca_file: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawRedis {
-    url: Option<String>,
-    connect_timeout: Option<String>,
-    response_timeout: Option<String>,
-    ca_file: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTokens {
-    access_token_lifetime: Option<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    refresh_token_lifetime: Option<Option<String>>,
-    #[serde(default, deserialize_with = "nullable")]
-    session_lifetime: Option<Option<String>>,
-    revoke_session_on_reuse: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawHttp {
-    max_json_body: Option<u64>,
-    header_read_timeout: Option<String>,
-    idle_timeout: Option<String>,
-    max_connections: Option<u64>,
-    body_read_timeout: Option<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    max_connections_per_ip: Option<Option<u64>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLog {
-    level: Option<String>,
-    format: Option<String>,
-}
-
-fn duration(key: &str, v: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
-    let s = v.unwrap_or(default);
-    let d = humantime::parse_duration(s)
-        .map_err(|e| invalid(key, format!("not a duration ({e}): {s:?}")))?;
-    if d.is_zero() {
-        return Err(invalid(key, "must be greater than zero"));
-    }
-    Ok(d)
-}
-
-fn nullable_duration(
-    key: &str,
-    v: Option<Option<String>>,
-    default: Option<&str>,
-) -> Result<Option<Duration>, ConfigError> {
-    match v {
-        None => default.map(|d| duration(key, Some(d), d)).transpose(),
-        Some(None) => Ok(None),
-        Some(Some(s)) => duration(key, Some(&s), "").map(Some),
     }
 }
 
@@ -261,318 +138,23 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 ];
 
 impl Config {
-    /// Reads and validates `path`, then applies `MRP_*` environment overrides.
+    /// Reads and validates `path`, then applies `MRP_*` environment overrides. The files it names
+    /// (certificates, keys, CA bundles) are not read here: [`crate::tls::check_files`] does,
+    /// for `check-config`, startup and reload alike.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        let config = Self::parse(&text, |k| std::env::var(k).ok())?;
-        config.check_files()?;
-        Ok(config)
+        Self::parse(&text, |k| std::env::var(k).ok())
     }
 
-    /// Reads the files the config names (TLS certificate and key, CA bundles) and checks that
-    /// they parse, so the proxy refuses to start (and `check-config` fails) on a bad one.
-    /// [`Config::parse`] does not touch the filesystem.
-    pub fn check_files(&self) -> Result<(), ConfigError> {
-        fn named(key: &'static str) -> impl Fn(crate::tls::TlsError) -> ConfigError {
-            move |e| invalid(key, e.to_string())
-        }
-        if let Some(tls) = &self.tls {
-            let chain =
-                crate::tls::read_cert_chain(&tls.cert_file).map_err(named("tls.cert_file"))?;
-            let key = crate::tls::read_private_key(&tls.key_file).map_err(named("tls.key_file"))?;
-            // A leaf that does not parse, or a key of another certificate.
-            crate::tls::server_config(chain, key).map_err(|e| match e {
-                crate::tls::TlsError::KeyMismatch => invalid(
-                    "tls.key_file",
-                    format!("{e} in tls.cert_file ({})", tls.cert_file.display()),
-                ),
-                e => invalid("tls.cert_file", e.to_string()),
-            })?;
-        }
-        if let Some(ca) = &self.upstream.ca_file {
-            crate::tls::read_ca_bundle(ca).map_err(named("upstream.ca_file"))?;
-        }
-        if let Some(ca) = &self.redis.ca_file {
-            crate::tls::read_ca_bundle(ca).map_err(named("redis.ca_file"))?;
-        }
-        Ok(())
-    }
-
-    /// Parses YAML text; `env` supplies override variables.
+    /// Parses YAML text; `env` supplies override variables. Reads no file.
     pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut raw: Raw = if text.trim().is_empty() {
-            Raw::default()
-        } else {
-            // serde_yaml's messages carry the key path and the line ("tokens: unknown field …").
-            serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?
-        };
-        if let Some(v) = env("MRP_LISTEN") {
-            raw.listen = Some(v);
-        }
-        if let Some(v) = env("MRP_UPSTREAM_URL") {
-            raw.upstream.url = Some(v);
-        }
-        if let Some(v) = env("MRP_REDIS_URL") {
-            raw.redis.url = Some(v);
-        }
-        if let Some(v) = env("MRP_LOG_LEVEL") {
-            raw.log.level = Some(v);
-        }
-        if let Some(v) = env("MRP_ADMIN_LISTEN") {
-            raw.admin.listen = Some(Some(v));
-        }
-        Self::from_raw(raw)
+        let mut raw = raw::Raw::from_yaml(text)?;
+        raw.override_from(env);
+        raw.validate()
     }
-
-    fn from_raw(raw: Raw) -> Result<Self, ConfigError> {
-        let listen_s = raw.listen.as_deref().unwrap_or("127.0.0.1:8080");
-        let listen = listen_s.parse().map_err(|_| {
-            invalid(
-                "listen",
-                format!("not an address like 127.0.0.1:8080: {listen_s:?}"),
-            )
-        })?;
-
-        let url_s = raw
-            .upstream
-            .url
-            .ok_or_else(|| invalid("upstream.url", "missing (the homeserver's base URL)"))?;
-        let url: http::Uri = url_s
-            .trim_end_matches('/')
-            .parse()
-            .map_err(|e| invalid("upstream.url", format!("not a URL ({e}): {url_s:?}")))?;
-        match url.scheme_str() {
-            Some("http" | "https") => {}
-            Some(other) => {
-                return Err(invalid(
-                    "upstream.url",
-                    format!("scheme {other:?} is not supported (use http or https)"),
-                ));
-            }
-            None => {
-                return Err(invalid(
-                    "upstream.url",
-                    "needs a scheme, e.g. http://127.0.0.1:8008",
-                ));
-            }
-        }
-        if url.authority().is_none() {
-            return Err(invalid("upstream.url", "needs a host"));
-        }
-        if url.query().is_some() {
-            return Err(invalid("upstream.url", "must not have a query"));
-        }
-        let upstream_ca = path("upstream.ca_file", raw.upstream.ca_file)?;
-        if upstream_ca.is_some() && url.scheme_str() != Some("https") {
-            return Err(invalid(
-                "upstream.ca_file",
-                "set, but upstream.url is not https:// (remove it, or use https)",
-            ));
-        }
-        let upstream = UpstreamConfig {
-            ca_file: upstream_ca,
-            url,
-            connect_timeout: duration(
-                "upstream.connect_timeout",
-                raw.upstream.connect_timeout.as_deref(),
-                "5s",
-            )?,
-            response_timeout: duration(
-                "upstream.response_timeout",
-                raw.upstream.response_timeout.as_deref(),
-                "5m",
-            )?,
-        };
-
-        let redis_url = raw
-            .redis
-            .url
-            .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
-        redis::Client::open(redis_url.as_str())
-            .map_err(|e| invalid("redis.url", format!("not a Redis URL: {}", e)))?;
-        let redis_ca = path("redis.ca_file", raw.redis.ca_file)?;
-        if redis_ca.is_some() && !redis_url.starts_with("rediss://") {
-            return Err(invalid(
-                "redis.ca_file",
-                "set, but redis.url is not rediss:// (remove it, or use rediss)",
-            ));
-        }
-        let redis = RedisConfig {
-            ca_file: redis_ca,
-            url: redis_url,
-            connect_timeout: duration(
-                "redis.connect_timeout",
-                raw.redis.connect_timeout.as_deref(),
-                "1s",
-            )?,
-            response_timeout: duration(
-                "redis.response_timeout",
-                raw.redis.response_timeout.as_deref(),
-                "2s",
-            )?,
-        };
-
-        let t = raw.tokens;
-        let tokens = Lifetimes {
-            access: duration(
-                "tokens.access_token_lifetime",
-                t.access_token_lifetime.as_deref(),
-                "5m",
-            )?,
-            refresh_idle: nullable_duration(
-                "tokens.refresh_token_lifetime",
-                t.refresh_token_lifetime,
-                Some("7d"),
-            )?,
-            session: nullable_duration("tokens.session_lifetime", t.session_lifetime, None)?,
-            revoke_on_reuse: t.revoke_session_on_reuse.unwrap_or(true),
-        };
-        if let Some(r) = tokens.refresh_idle
-            && r < tokens.access
-        {
-            return Err(invalid(
-                "tokens.refresh_token_lifetime",
-                "shorter than tokens.access_token_lifetime: clients could never refresh",
-            ));
-        }
-
-        let max_json_body = raw.http.max_json_body.unwrap_or(64 * 1024);
-        if !(1024..=16 * 1024 * 1024).contains(&max_json_body) {
-            return Err(invalid(
-                "http.max_json_body",
-                "must be between 1024 and 16777216 bytes",
-            ));
-        }
-        let max_connections = raw.http.max_connections.unwrap_or(10_000);
-        if !(1..=1_000_000).contains(&max_connections) {
-            return Err(invalid(
-                "http.max_connections",
-                "must be between 1 and 1000000",
-            ));
-        }
-        let http = HttpConfig {
-            max_json_body: max_json_body as usize,
-            header_read_timeout: duration(
-                "http.header_read_timeout",
-                raw.http.header_read_timeout.as_deref(),
-                "30s",
-            )?,
-            idle_timeout: duration("http.idle_timeout", raw.http.idle_timeout.as_deref(), "75s")?,
-            max_connections: max_connections as usize,
-            body_read_timeout: duration(
-                "http.body_read_timeout",
-                raw.http.body_read_timeout.as_deref(),
-                "30s",
-            )?,
-            max_connections_per_ip: match raw.http.max_connections_per_ip {
-                None => Some(256),
-                Some(None) | Some(Some(0)) => None,
-                Some(Some(n)) if n <= 1_000_000 => Some(n as usize),
-                Some(Some(_)) => {
-                    return Err(invalid(
-                        "http.max_connections_per_ip",
-                        "must be between 0 (no cap) and 1000000",
-                    ));
-                }
-            },
-        };
-
-        let level = raw.log.level.unwrap_or_else(|| "info".to_owned());
-        tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
-            invalid(
-                "log.level",
-                format!("not a tracing filter ({e}): {level:?}"),
-            )
-        })?;
-        let format = match raw.log.format.as_deref().unwrap_or("pretty") {
-            "pretty" => LogFormat::Pretty,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(invalid(
-                    "log.format",
-                    format!("must be \"pretty\" or \"json\", not {other:?}"),
-                ));
-            }
-        };
-
-        let admin = AdminConfig {
-            listen: admin_listen(raw.admin.listen, listen)?,
-            token_file: path("admin.token_file", raw.admin.token_file)?,
-        };
-        let rate_limit = rate_limit::rate_limit(raw.rate_limit)?;
-        let trusted_proxies = rate_limit::trusted_proxies(raw.trusted_proxies.unwrap_or_default())?;
-        let tls = raw.tls.map(tls_files).transpose()?;
-        let cache = cache::cache(raw.cache)?;
-
-        Ok(Config {
-            listen,
-            upstream,
-            redis,
-            tokens,
-            http,
-            log: LogConfig { level, format },
-            admin,
-            shutdown_timeout: duration("shutdown_timeout", raw.shutdown_timeout.as_deref(), "30s")?,
-            rate_limit,
-            trusted_proxies,
-            tls,
-            cache,
-        })
-    }
-}
-
-/// An optional file path: absent or `null` = none; empty is an error.
-fn path(key: &str, v: Option<String>) -> Result<Option<PathBuf>, ConfigError> {
-    match v {
-        None => Ok(None),
-        Some(s) if s.trim().is_empty() => Err(invalid(key, "empty path (use null for none)")),
-        Some(s) => Ok(Some(PathBuf::from(s))),
-    }
-}
-
-/// `tls: {cert_file, key_file}`: both required once the section is there.
-fn tls_files(raw: RawTls) -> Result<TlsConfig, ConfigError> {
-    let required = |key: &str, v: Option<String>| {
-        path(key, v)?
-            .ok_or_else(|| invalid(key, "missing (a PEM file; or tls: null for plain HTTP)"))
-    };
-    Ok(TlsConfig {
-        cert_file: required("tls.cert_file", raw.cert_file)?,
-        key_file: required("tls.key_file", raw.key_file)?,
-    })
-}
-
-/// `admin.listen`: default `127.0.0.1:9090`, `null` disables. The admin endpoints are never
-/// served on the client port, so an address that would collide with `listen` is an error.
-fn admin_listen(
-    v: Option<Option<String>>,
-    client: SocketAddr,
-) -> Result<Option<SocketAddr>, ConfigError> {
-    let s = match v {
-        None => "127.0.0.1:9090".to_owned(),
-        Some(None) => return Ok(None),
-        Some(Some(s)) => s,
-    };
-    let addr: SocketAddr = s.parse().map_err(|_| {
-        invalid(
-            "admin.listen",
-            format!("not an address like 127.0.0.1:9090 (or null to disable): {s:?}"),
-        )
-    })?;
-    let overlapping_ip =
-        addr.ip() == client.ip() || addr.ip().is_unspecified() || client.ip().is_unspecified();
-    if addr.port() != 0 && addr.port() == client.port() && overlapping_ip {
-        return Err(invalid(
-            "admin.listen",
-            format!(
-                "{addr} collides with listen ({client}): the admin endpoints are never served on the client port"
-            ),
-        ));
-    }
-    Ok(Some(addr))
 }
 
 #[cfg(test)]
@@ -625,13 +207,8 @@ mod tests {
         // null and absent both mean plain HTTP and system roots.
         let c = parse("upstream: {url: 'https://hs', ca_file: null}\ntls: null").unwrap();
         assert_eq!((c.tls, c.upstream.ca_file), (None, None));
-        // `parse` reads no file: the PEM checks are `check_files`, which `load` runs.
-        let c = parse("upstream: {url: 'http://hs'}\ntls: {cert_file: /nonexistent/c, key_file: /nonexistent/k}").unwrap();
-        let e = c.check_files().unwrap_err().to_string();
-        assert!(
-            e.starts_with("tls.cert_file: cannot read /nonexistent/c"),
-            "{e}"
-        );
+        // `parse` reads no file: the PEM checks are `tls::check_files`.
+        parse("upstream: {url: 'http://hs'}\ntls: {cert_file: /nonexistent/c, key_file: /nonexistent/k}").unwrap();
     }
 
     #[test]

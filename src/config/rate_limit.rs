@@ -6,8 +6,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::{ConfigError, invalid, nullable};
-use crate::proxy::client_ip::TrustedProxies;
+use super::raw::nullable;
+use super::{ConfigError, invalid};
 
 /// One keyed limiter: a sustained rate and a burst (GCRA, as `governor` and the Redis script
 /// implement it).
@@ -42,6 +42,26 @@ pub struct RateLimitConfig {
     /// Per client IP on every request; `None` (the default) = no limit.
     pub all: Option<LimitConfig>,
     pub backend: RateLimitBackend,
+}
+
+/// The `trusted_proxies` setting: networks whose `X-Forwarded-For` is believed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    pub fn new(nets: Vec<IpNet>) -> Self {
+        TrustedProxies(nets)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `ip` (IPv4-mapped IPv6 counts as IPv4) is in a trusted network.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|n| n.contains(&ip))
+    }
 }
 
 /// The defaults: generous enough that no real client is ever limited (some SDKs log out on any
@@ -179,6 +199,22 @@ mod tests {
         Config::parse(&format!("upstream: {{url: 'http://hs'}}\n{extra}"), |_| {
             None
         })
+    }
+
+    #[test]
+    fn contains_handles_mapped_addresses() {
+        let t = TrustedProxies::new(
+            ["127.0.0.0/8", "fd00::/8"]
+                .iter()
+                .map(|n| n.parse().unwrap())
+                .collect(),
+        );
+        let ip = |s: &str| s.parse().unwrap();
+        assert!(t.contains(ip("127.0.0.1")));
+        assert!(t.contains(ip("::ffff:127.0.0.1")));
+        assert!(t.contains(ip("fd12::1")));
+        assert!(!t.contains(ip("::1")));
+        assert!(!t.contains(ip("128.0.0.1")));
     }
 
     #[test]

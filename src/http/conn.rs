@@ -67,11 +67,11 @@ impl Activity {
 pub struct PerIp {
     cap: usize,
     open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 impl PerIp {
-    pub fn new(cap: usize, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
+    pub fn new(cap: usize, metrics: Arc<crate::telemetry::metrics::Metrics>) -> Arc<Self> {
         Arc::new(PerIp {
             cap,
             open: Default::default(),
@@ -191,7 +191,7 @@ mod tests {
 
     #[test]
     fn per_ip_slots_are_capped_and_entries_removed() {
-        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
         let p = PerIp::new(2, metrics.clone());
         let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
         let a = p.acquire(ip).unwrap();

@@ -7,7 +7,10 @@
 use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::json;
 
-use super::{Body, full};
+use crate::body::{Body, full};
+use crate::matrix::login::FlagNotBoolean;
+use crate::matrix::refresh::RefreshBodyError;
+use crate::upstream::UpstreamError;
 
 /// Seconds clients are asked to wait when the proxy itself is degraded.
 const RETRY_AFTER_SECS: u64 = 2;
@@ -71,7 +74,44 @@ impl From<crate::ratelimit::Limited> for ApiError {
     }
 }
 
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Timeout => ApiError::UpstreamTimeout,
+            UpstreamError::Unreachable(why) => {
+                tracing::warn!(error = %why, "homeserver unreachable");
+                ApiError::UpstreamUnreachable
+            }
+        }
+    }
+}
+
+impl From<FlagNotBoolean> for ApiError {
+    fn from(_: FlagNotBoolean) -> Self {
+        ApiError::InvalidParam("refresh_token must be a boolean")
+    }
+}
+
+impl From<RefreshBodyError> for ApiError {
+    fn from(e: RefreshBodyError) -> Self {
+        match e {
+            RefreshBodyError::NotJson => ApiError::NotJson,
+            RefreshBodyError::NotObject => ApiError::BadJson("Request body must be a JSON object"),
+            RefreshBodyError::Missing => ApiError::MissingParam("refresh_token"),
+            RefreshBodyError::NotString => ApiError::InvalidParam("refresh_token must be a string"),
+        }
+    }
+}
+
 impl ApiError {
+    /// `M_UNKNOWN_TOKEN` without `soft_logout`: the client must log in again.
+    pub fn unknown_token(message: &'static str) -> Self {
+        ApiError::UnknownToken {
+            soft_logout: false,
+            message,
+        }
+    }
+
     /// The one mapping (no wildcard arm, so a new variant must be placed here).
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {

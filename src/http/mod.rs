@@ -1,13 +1,10 @@
 //! The client-facing side: listener, router and the proxy's own answers.
 
-pub mod body;
 mod conn;
 pub mod error;
 mod forward;
 pub mod login;
 mod refresh;
-pub mod request_id;
-pub mod routes;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,7 +17,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use http_body_util::BodyExt;
-use http_body_util::combinators::BoxBody;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -31,37 +27,20 @@ use tokio::sync::Semaphore;
 
 use tracing::Instrument;
 
-use body::ClientBody;
-
+use crate::body::{self as body, Body, BoxError, ClientBody, full, read_limited};
 use crate::config::{HttpConfig, TrustedProxies};
-use crate::metrics::{InFlight, Metrics};
-use crate::proxy::Upstream;
-use crate::proxy::client_ip::client_ip;
+use crate::matrix::routes::{self, Route};
 use crate::ratelimit::RateLimits;
+use crate::ratelimit::client_ip::client_ip;
 use crate::session::Sessions;
 use crate::store::Store;
+use crate::telemetry::metrics::{InFlight, Metrics};
+use crate::telemetry::request_id::{self, RequestId};
+use crate::upstream::{ClientConn, ClientScheme, Upstream};
 pub use error::ApiError;
-use request_id::RequestId;
-use routes::Route;
 
 /// Largest request head (request line and headers) the proxy accepts.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body type of every response and forwarded request: streamed or in memory.
-pub type Body = BoxBody<Bytes, BoxError>;
-
-/// An in-memory body.
-pub fn full(b: impl Into<Bytes>) -> Body {
-    http_body_util::Full::new(b.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed()
-}
-
-/// Wraps a client request body for forwarding (streamed, never buffered).
-pub fn stream(b: ClientBody) -> Body {
-    b.boxed()
-}
 
 /// Unread request bodies up to this size are read and discarded before a self-made answer, so
 /// the keep-alive connection stays usable; larger or slower ones get `Connection: close`.
@@ -74,7 +53,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn read_body(app: &App, body: ClientBody) -> Result<Bytes, ApiError> {
     match tokio::time::timeout(
         app.http.body_read_timeout,
-        crate::proxy::read_limited(body, app.http.max_json_body),
+        read_limited(body, app.http.max_json_body),
     )
     .await
     {
@@ -83,6 +62,19 @@ pub async fn read_body(app: &App, body: ClientBody) -> Result<Bytes, ApiError> {
         Ok(Ok(None)) => Err(ApiError::TooLarge),
         Ok(Err(e)) if e.is::<body::BodyTimeout>() => Err(ApiError::BodyTimeout),
         Ok(Err(_)) => Err(ApiError::BadRequest("Could not read the request body")),
+    }
+}
+
+/// Reads a homeserver answer the proxy rewrites or inspects, at most `limit` bytes; a longer or
+/// broken one is a 502.
+pub async fn read_upstream(
+    res: Response<Incoming>,
+    limit: usize,
+) -> Result<(http::response::Parts, Bytes), ApiError> {
+    let (parts, body) = res.into_parts();
+    match read_limited(body, limit).await {
+        Ok(Some(bytes)) => Ok((parts, bytes)),
+        Ok(None) | Err(_) => Err(ApiError::UpstreamInvalid),
     }
 }
 
@@ -99,8 +91,7 @@ async fn settle_body(state: &body::BodyState, res: &mut Response<Body>) {
             .is_some_and(|n| n <= DRAIN_LIMIT as u64);
         if small
             && let Ok(Ok(Some(_))) =
-                tokio::time::timeout(DRAIN_TIMEOUT, crate::proxy::read_limited(rest, DRAIN_LIMIT))
-                    .await
+                tokio::time::timeout(DRAIN_TIMEOUT, read_limited(rest, DRAIN_LIMIT)).await
         {
             return;
         }
@@ -154,19 +145,6 @@ pub struct App {
     pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
-/// How the client reached the proxy, put in each request's extensions by [`serve`]; it becomes
-/// `X-Forwarded-Proto` upstream (the homeserver builds its URLs from it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientScheme {
-    Http,
-    Https,
-}
-
-/// Whether the TCP peer is in `trusted_proxies` (its `X-Forwarded-*` headers are believed); put
-/// in each request's extensions by [`serve`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TrustedPeer(pub bool);
-
 /// The rate limits checked before routing (issue 4): `all` on every request, `login` on
 /// `POST /login` and `POST /register`, and the per-IP half of `refresh` on `POST /refresh` (the
 /// per-session half needs the body: `refresh.rs` checks it before the store is asked). Other
@@ -217,7 +195,7 @@ pub fn with_user(mut res: Response<Body>, user_id: Option<String>) -> Response<B
 /// Routes one request, records its metrics and logs one line for it: method, route class,
 /// status, latency, request id and user id when known; never the path, the query or any other
 /// header.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ClientConn) -> Response<Body> {
     let started = Instant::now();
     let h1 = req.version() <= http::Version::HTTP_11;
     let (parts, b) = req.into_parts();
@@ -227,7 +205,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     // Set on the request before any handler runs, so it is forwarded with it.
     let request_id = RequestId::take_or_generate(req.headers_mut());
     let method = req.method().clone();
-    let route = routes::classify(req.method(), req.uri().path());
+    let route = routes::classify(req.method().as_str(), req.uri().path());
     let mut abandoned = Abandoned {
         method: &method,
         route: &route,
@@ -238,11 +216,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     // Lines logged while handling (warnings, purges) carry the request id too.
     let span = tracing::info_span!("request", request_id = %request_id);
     let result = async {
-        rate_limit(&app, &route, &req, peer).await?;
+        rate_limit(&app, &route, &req, conn.peer).await?;
         match &route {
             Route::Refresh => refresh::handle(&app, req).await,
-            Route::Login | Route::Register => login::handle(&app, req, route.clone(), peer).await,
-            other => forward::handle(&app, req, other.clone(), peer).await,
+            Route::Login | Route::Register => login::handle(&app, req, route.clone(), &conn).await,
+            other => forward::handle(&app, req, other.clone(), &conn).await,
         }
     }
     .instrument(span)
@@ -398,21 +376,22 @@ pub async fn serve(
                 let activity = conn::Activity::new();
                 // The certificate in force now; a reload affects later connections only.
                 let acceptor = app.tls.as_ref().map(|t| t.acceptor());
-                let scheme = match acceptor {
-                    Some(_) => ClientScheme::Https,
-                    None => ClientScheme::Http,
+                let conn = ClientConn {
+                    peer,
+                    scheme: match acceptor {
+                        Some(_) => ClientScheme::Https,
+                        None => ClientScheme::Http,
+                    },
+                    trusted: app.trusted_proxies.contains(peer.ip()),
                 };
-                let trusted = TrustedPeer(app.trusted_proxies.contains(peer.ip()));
                 let handshake_timeout = app.http.header_read_timeout;
                 let app = app.clone();
                 let act = activity.clone();
-                let svc = service_fn(move |mut req: Request<Incoming>| {
-                    req.extensions_mut().insert(scheme);
-                    req.extensions_mut().insert(trusted);
+                let svc = service_fn(move |req: Request<Incoming>| {
                     let app = app.clone();
                     let in_flight = act.request();
                     async move {
-                        let res = handle(app, req, peer).await;
+                        let res = handle(app, req, conn).await;
                         drop(in_flight);
                         Ok::<_, Infallible>(res)
                     }

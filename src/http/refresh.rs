@@ -1,17 +1,17 @@
 //! `POST /refresh`, served by the proxy itself (spec "Refreshing access tokens"; never
-//! forwarded: the homeserver has no refresh tokens).
+//! forwarded: the homeserver has no refresh tokens). The body rules are
+//! [`crate::matrix::refresh`]; this is the rate limit, the store and the answer.
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::{ApiError, App, Body, json_response, with_user};
-use crate::metrics::{PurgeCause, RefreshOutcome};
+use super::{ApiError, App, json_response, read_body, with_user};
+use crate::body::{Body, ClientBody};
+use crate::matrix::purge::PurgeCause;
 use crate::session::Refreshed;
+use crate::telemetry::metrics::RefreshOutcome;
 
-pub async fn handle(
-    app: &App,
-    req: Request<super::body::ClientBody>,
-) -> Result<Response<Body>, ApiError> {
+pub async fn handle(app: &App, req: Request<ClientBody>) -> Result<Response<Body>, ApiError> {
     match *req.method() {
         // CORS preflight (spec "Web Browser Clients").
         Method::OPTIONS => return Ok(json_response(StatusCode::OK, &json!({}))),
@@ -19,16 +19,8 @@ pub async fn handle(
         _ => return Err(ApiError::MethodNotAllowed),
     }
     // No credential is needed and any given is ignored; Content-Type is not required.
-    let bytes = super::read_body(app, req.into_body()).await?;
-    let body: Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::NotJson)?;
-    let obj = body
-        .as_object()
-        .ok_or(ApiError::BadJson("Request body must be a JSON object"))?;
-    let rt = match obj.get("refresh_token") {
-        None => return Err(ApiError::MissingParam("refresh_token")),
-        Some(Value::String(s)) => s,
-        Some(_) => return Err(ApiError::InvalidParam("refresh_token must be a string")),
-    };
+    let bytes = read_body(app, req.into_body()).await?;
+    let rt = crate::matrix::refresh::parse(&bytes)?;
     // Per session, charged only once the store has shown the token genuine and before anything
     // is written: a limited refresh consumes or rotates nothing, and a made-up token carrying
     // someone else's session id (in clear in every token) cannot spend that session's budget.
@@ -36,7 +28,7 @@ pub async fn handle(
     let gate = |sid| async move { limits.check_refresh_session(sid).await };
     let outcome = app
         .sessions
-        .refresh_gated(rt, gate)
+        .refresh_gated(&rt, gate)
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "refresh: session store unavailable");
@@ -51,6 +43,11 @@ pub async fn handle(
             );
             ApiError::from(l)
         })?;
+    respond(app, outcome)
+}
+
+/// The answer to a refresh the store decided, and its metrics and security log.
+fn respond(app: &App, outcome: Refreshed) -> Result<Response<Body>, ApiError> {
     match outcome {
         Refreshed::Issued {
             pair,
@@ -63,14 +60,12 @@ pub async fn handle(
             } else {
                 app.metrics.refresh(RefreshOutcome::Ok);
             }
-            let mut res = json_response(
-                StatusCode::OK,
-                &json!({
-                    "access_token": pair.access.expose(),
-                    "refresh_token": pair.refresh.expose(),
-                    "expires_in_ms": pair.expires_in_ms,
-                }),
+            let answer = crate::matrix::refresh::answer(
+                pair.access.expose(),
+                pair.refresh.expose(),
+                pair.expires_in_ms,
             );
+            let mut res = json_response(StatusCode::OK, &answer);
             // Tokens must not be cached by intermediaries (RFC 6749 §5.1).
             res.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -78,10 +73,7 @@ pub async fn handle(
         }
         Refreshed::Unknown => {
             app.metrics.refresh(RefreshOutcome::Unknown);
-            Err(ApiError::UnknownToken {
-                soft_logout: false,
-                message: "Unknown refresh token",
-            })
+            Err(ApiError::unknown_token("Unknown refresh token"))
         }
         Refreshed::Reused { info, revoked } => {
             app.metrics.refresh(RefreshOutcome::ReuseDetected);
@@ -96,10 +88,7 @@ pub async fn handle(
                 session_revoked = revoked,
                 "refresh token reused after its grace window"
             );
-            Err(ApiError::UnknownToken {
-                soft_logout: false,
-                message: "Refresh token already used",
-            })
+            Err(ApiError::unknown_token("Refresh token already used"))
         }
         // As Synapse: 403, which every SDK handles as a clean logout (DESIGN.md §2).
         Refreshed::Expired => {

@@ -31,11 +31,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::CacheConfig;
-use crate::metrics::{CacheFlush, CacheMetrics};
 use crate::session::{
     AccessRecord, Millis, NewSession, RefreshRecord, RotateResult, Rotation, SessionId,
     SessionInfo, StoreError, TokenStore,
 };
+use crate::telemetry::metrics::{CacheFlush, CacheMetrics};
 
 /// Map bookkeeping counted per entry besides its own allocation: the key, the `Arc` pointer,
 /// quick_cache's slot (hash, links, state) and its hash-table slot, rounded up
@@ -508,7 +508,7 @@ impl<S: TokenStore> TokenStore for Cached<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
 
     fn config(max_entries: u64, max_bytes: u64) -> CacheConfig {
         CacheConfig {

@@ -5,11 +5,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::metrics::{Metrics, StoreOp};
 use crate::session::{
     AccessRecord, Millis, NewSession, RefreshRecord, RotateResult, Rotation, SessionId,
     SessionInfo, StoreError, TokenStore,
 };
+use crate::telemetry::metrics::{Metrics, StoreOp};
 
 /// Wraps a store; each call is recorded under its [`StoreOp`].
 #[derive(Clone)]

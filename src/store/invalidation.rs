@@ -26,8 +26,8 @@ use futures_util::StreamExt;
 
 use super::RedisStore;
 use super::cached::TokenCache;
-use crate::metrics::CacheFlush;
 use crate::session::SessionId;
+use crate::telemetry::metrics::CacheFlush;
 
 /// Where the purge script publishes revoked sessions (payload: the session tag). Must match
 /// `INVALIDATION_CHANNEL` in `lua/common.lua`.

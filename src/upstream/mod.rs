@@ -1,12 +1,10 @@
 //! The upstream side: a pooled hyper client to the homeserver, header hygiene and credential
 //! rewriting.
 
-pub mod client_ip;
 pub mod connector;
 pub mod credentials;
 pub mod headers;
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,10 +15,16 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::body::{Body, full, read_limited};
 use crate::config::UpstreamConfig;
-use crate::http::{Body, BoxError, full};
-use crate::metrics::{Metrics, UpstreamCall, UpstreamFailure};
+use crate::telemetry::metrics::{Metrics, UpstreamCall, UpstreamFailure};
+use crate::telemetry::request_id;
 use crate::tls::TlsError;
+pub use headers::{ClientConn, ClientScheme};
+
+/// Bodies of the homeserver's answers to the proxy's own calls are small (read to reuse the
+/// connection, or for `whoami`).
+const OWN_CALL_BODY: usize = 64 * 1024;
 
 /// Why the homeserver could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -110,25 +114,17 @@ impl Upstream {
         result
     }
 
-    /// Forwards a client request: hygiene applied, `path_and_query` as given (already rewritten).
+    /// Forwards a client request: hygiene applied for `conn`, `path_and_query` as given (already
+    /// rewritten).
     pub async fn forward(
         &self,
         mut parts: http::request::Parts,
         body: Body,
         path: &str,
         query: Option<&str>,
-        peer: IpAddr,
+        conn: &ClientConn,
         call: UpstreamCall,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        // Set by the listener on every client request (`http::serve`).
-        let proto = match parts.extensions.get::<crate::http::ClientScheme>() {
-            Some(crate::http::ClientScheme::Https) => "https",
-            Some(crate::http::ClientScheme::Http) | None => "http",
-        };
-        let trusted = parts
-            .extensions
-            .get::<crate::http::TrustedPeer>()
-            .is_some_and(|t| t.0);
         // HTTP/2 clients name the host in the `:authority` pseudo-header, not in `Host`.
         if !parts.headers.contains_key(http::header::HOST)
             && let Some(a) = parts.uri.authority()
@@ -136,7 +132,7 @@ impl Upstream {
         {
             parts.headers.insert(http::header::HOST, v);
         }
-        headers::prepare_request(&mut parts.headers, peer, proto, trusted);
+        headers::prepare_request(&mut parts.headers, conn);
         parts.uri = self
             .uri(path, query)
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
@@ -145,33 +141,54 @@ impl Upstream {
         self.send(Request::from_parts(parts, body), call).await
     }
 
-    /// `GET /account/whoami` with `token`: who owns a token the proxy did not issue. The client
-    /// request's id goes with it, so the homeserver's logs tie the two together.
+    /// A call of the proxy's own: `method` on `path` with a JSON `body` (or none, when empty),
+    /// no credential or `token` as Bearer (`Ok(None)` when it cannot be a header value), and the
+    /// client request's id, so the homeserver's logs tie the two together.
+    async fn own_call(
+        &self,
+        (method, path, body): (Method, &str, &'static [u8]),
+        token: Option<&str>,
+        request_id: Option<&HeaderValue>,
+        call: UpstreamCall,
+    ) -> Result<Option<Response<Incoming>>, UpstreamError> {
+        let unreachable = |e: http::Error| UpstreamError::Unreachable(e.to_string());
+        let mut req = Request::builder()
+            .method(method)
+            .uri(self.uri(path, None).map_err(unreachable)?);
+        if !body.is_empty() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let mut req = req
+            .body(full(Bytes::from_static(body)))
+            .map_err(unreachable)?;
+        if let Some(token) = token
+            && !credentials::set_bearer(req.headers_mut(), token)
+        {
+            return Ok(None);
+        }
+        if let Some(id) = request_id {
+            req.headers_mut().insert(request_id::HEADER, id.clone());
+        }
+        self.send(req, call).await.map(Some)
+    }
+
+    /// `GET /account/whoami` with `token`: who owns a token the proxy did not issue.
     pub async fn whoami(
         &self,
         token: &str,
         request_id: Option<&HeaderValue>,
     ) -> Result<Option<(String, Option<String>)>, UpstreamError> {
-        let uri = self
-            .uri("/_matrix/client/v3/account/whoami", None)
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
-        let mut req = Request::builder()
-            .method(Method::GET)
-            .uri(uri)
-            .body(full(Bytes::new()))
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
-        if !credentials::set_bearer(req.headers_mut(), token) {
+        let whoami = (Method::GET, "/_matrix/client/v3/account/whoami", &b""[..]);
+        let Some(res) = self
+            .own_call(whoami, Some(token), request_id, UpstreamCall::Whoami)
+            .await?
+        else {
             return Ok(None);
-        }
-        if let Some(id) = request_id {
-            req.headers_mut()
-                .insert(crate::http::request_id::HEADER, id.clone());
-        }
-        let res = self.send(req, UpstreamCall::Whoami).await?;
+        };
         if res.status() != http::StatusCode::OK {
             return Ok(None);
         }
-        let body = read_limited(res.into_body(), 64 * 1024)
+        let body = read_limited(res.into_body(), OWN_CALL_BODY)
             .await
             .ok()
             .flatten();
@@ -194,42 +211,27 @@ impl Upstream {
         token: &str,
         request_id: Option<&HeaderValue>,
     ) -> Result<bool, UpstreamError> {
-        let uri = self
-            .uri("/_matrix/client/v3/logout", None)
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(full(Bytes::from_static(b"{}")))
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
-        if !credentials::set_bearer(req.headers_mut(), token) {
+        let logout = (Method::POST, "/_matrix/client/v3/logout", &b"{}"[..]);
+        let call = UpstreamCall::OrphanLogout;
+        let Some(res) = self.own_call(logout, Some(token), request_id, call).await? else {
             return Ok(false);
-        }
-        if let Some(id) = request_id {
-            req.headers_mut()
-                .insert(crate::http::request_id::HEADER, id.clone());
-        }
-        let res = self.send(req, UpstreamCall::OrphanLogout).await?;
+        };
         let ok = res.status().is_success();
-        let _ = read_limited(res.into_body(), 64 * 1024).await;
+        let _ = read_limited(res.into_body(), OWN_CALL_BODY).await;
         Ok(ok)
     }
 
     /// `GET /_matrix/client/versions` (no credential): the readiness check. Returns the status;
     /// the body is read (bounded) so the connection goes back to the pool.
     pub async fn versions(&self) -> Result<http::StatusCode, UpstreamError> {
-        let uri = self
-            .uri("/_matrix/client/versions", None)
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(uri)
-            .body(full(Bytes::new()))
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
-        let res = self.send(req, UpstreamCall::Readiness).await?;
+        let versions = (Method::GET, "/_matrix/client/versions", &b""[..]);
+        let call = UpstreamCall::Readiness;
+        // Without a token there is no header that could be refused.
+        let Some(res) = self.own_call(versions, None, None, call).await? else {
+            return Err(UpstreamError::Unreachable("no request".into()));
+        };
         let status = res.status();
-        let _ = read_limited(res.into_body(), 64 * 1024).await;
+        let _ = read_limited(res.into_body(), OWN_CALL_BODY).await;
         Ok(status)
     }
 }
@@ -259,19 +261,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Reads a body up to `limit` bytes: `Ok(None)` when it is longer.
-pub async fn read_limited<B>(body: B, limit: usize) -> Result<Option<Bytes>, BoxError>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(Some(c.to_bytes())),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// Turns an upstream response into a client response: streamed body, hop-by-hop headers gone.
 pub fn relay(res: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = res.into_parts();
@@ -279,13 +268,20 @@ pub fn relay(res: Response<Incoming>) -> Response<Body> {
     Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
-/// A JSON response with the given parts (headers kept, length recomputed).
-pub fn with_json_body(mut parts: http::response::Parts, body: Vec<u8>) -> Response<Body> {
+/// An upstream response around a body the proxy read: hop-by-hop headers gone, length
+/// recomputed.
+pub fn rebuilt(mut parts: http::response::Parts, body: Bytes) -> Response<Body> {
     headers::remove_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
+    headers::set_content_length(&mut parts.headers, body.len());
+    Response::from_parts(parts, full(body))
+}
+
+/// [`rebuilt`] around a JSON body the proxy wrote or kept.
+pub fn with_json_body(parts: http::response::Parts, body: Bytes) -> Response<Body> {
+    let mut res = rebuilt(parts, body);
+    res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    Response::from_parts(parts, full(body))
+    res
 }

@@ -1,7 +1,10 @@
-//! The client's request body as the proxy sees it: a progress deadline on every body (a stalled
-//! upload is cut after `http.body_read_timeout`), and what is left of it when the proxy answers
-//! before reading it all, so the connection can be kept (drained) or closed honestly.
+//! Bodies, at the bottom of the crate: the one body type every response and forwarded request
+//! has ([`Body`], in memory or streamed), bounded reads ([`read_limited`]), and the client's
+//! request body as the proxy sees it ([`ClientBody`]): a progress deadline on every body (a
+//! stalled upload is cut after `http.body_read_timeout`), and what is left of it when the proxy
+//! answers before reading it all, so the connection can be kept (drained) or closed honestly.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,10 +12,39 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
 use hyper::body::{Frame, Incoming, SizeHint};
 use tokio::time::Sleep;
 
-use super::BoxError;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of every response and forwarded request: streamed or in memory.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// An in-memory body.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(b.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// Wraps a client request body for forwarding (streamed, never buffered).
+pub fn stream(b: ClientBody) -> Body {
+    b.boxed()
+}
+
+/// Reads a body up to `limit` bytes: `Ok(None)` when it is longer.
+pub async fn read_limited<B>(body: B, limit: usize) -> Result<Option<Bytes>, BoxError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(Some(c.to_bytes())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
 
 /// A request body that stalled longer than `http.body_read_timeout`.
 #[derive(Debug, thiserror::Error)]

@@ -14,8 +14,8 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower_service::Service;
 
+use crate::body::BoxError;
 use crate::config::UpstreamConfig;
-use crate::http::BoxError;
 use crate::tls::TlsError;
 
 /// The connector of the pooled upstream client.

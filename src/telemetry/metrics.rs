@@ -13,7 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::http::routes::Route;
+pub use crate::matrix::purge::PurgeCause;
+use crate::matrix::routes::Route;
 
 /// Prefix of every metric name.
 pub const PREFIX: &str = "mrp";
@@ -76,54 +77,6 @@ impl RefreshOutcome {
             RefreshOutcome::Expired => "expired",
             RefreshOutcome::Unknown => "unknown",
             RefreshOutcome::StoreError => "store_error",
-        }
-    }
-}
-
-/// Why proxy sessions were purged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PurgeCause {
-    Logout,
-    LogoutAll,
-    /// `DELETE /devices/{id}` or `POST /delete_devices`.
-    DeviceDelete,
-    /// `POST /account/password` with `logout_devices`.
-    PasswordChange,
-    Deactivate,
-    /// A login naming an existing `device_id`.
-    Relogin,
-    /// The homeserver rejected the upstream token (revoked behind the proxy's back).
-    UpstreamRevoked,
-    /// Refresh token reuse detection revoked the session.
-    Reuse,
-    /// An operator ended it through the admin API (`DELETE /admin/v1/...`).
-    Admin,
-}
-
-impl PurgeCause {
-    pub const ALL: [PurgeCause; 9] = [
-        PurgeCause::Logout,
-        PurgeCause::LogoutAll,
-        PurgeCause::DeviceDelete,
-        PurgeCause::PasswordChange,
-        PurgeCause::Deactivate,
-        PurgeCause::Relogin,
-        PurgeCause::UpstreamRevoked,
-        PurgeCause::Reuse,
-        PurgeCause::Admin,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PurgeCause::Logout => "logout",
-            PurgeCause::LogoutAll => "logout_all",
-            PurgeCause::DeviceDelete => "device_delete",
-            PurgeCause::PasswordChange => "password_change",
-            PurgeCause::Deactivate => "deactivate",
-            PurgeCause::Relogin => "relogin",
-            PurgeCause::UpstreamRevoked => "upstream_revoked",
-            PurgeCause::Reuse => "reuse",
-            PurgeCause::Admin => "admin",
         }
     }
 }

@@ -1,8 +1,36 @@
 //! Proxy header hygiene, each rule with its reason.
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// How the client reached the proxy, fixed per connection by the listener and handed to
+/// [`prepare_request`] with each request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientConn {
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The scheme the client spoke; it becomes `X-Forwarded-Proto` (the homeserver builds its
+    /// URLs from it).
+    pub scheme: ClientScheme,
+    /// The peer is in `trusted_proxies`: its `X-Forwarded-*` headers are believed.
+    pub trusted: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientScheme {
+    Http,
+    Https,
+}
+
+impl ClientScheme {
+    fn as_str(self) -> &'static str {
+        match self {
+            ClientScheme::Http => "http",
+            ClientScheme::Https => "https",
+        }
+    }
+}
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not the message, and must
 /// not be forwarded. `Proxy-Authorization` carries credentials meant for this hop only.
@@ -35,6 +63,11 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Sets `Content-Length` to the length of a body the proxy rebuilt (the old value is stale).
+pub fn set_content_length(h: &mut HeaderMap, len: usize) {
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+}
+
 /// Client-address headers a homeserver may believe. From a peer not in `trusted_proxies` they are
 /// whatever the client made up, so they are dropped (else any client picks the IP the homeserver
 /// logs and rate-limits) and `X-Forwarded-For` is rebuilt from the peer alone.
@@ -48,7 +81,8 @@ const UNTRUSTED_FORWARDING: [&str; 3] = ["x-forwarded-for", "forwarded", "x-real
 ///   peer in `trusted_proxies` (a TLS-terminating ingress) its own `http`/`https` value is kept.
 /// - `X-Forwarded-Host` keeps the client's `Host`, which is replaced by the upstream's own
 ///   authority (the client sets it from the upstream URL) so virtual-hosted homeservers route.
-pub fn prepare_request(h: &mut HeaderMap, peer: IpAddr, proto: &'static str, peer_trusted: bool) {
+pub fn prepare_request(h: &mut HeaderMap, conn: &ClientConn) {
+    let peer_trusted = conn.trusted;
     remove_hop_by_hop(h);
     if !peer_trusted {
         for n in UNTRUSTED_FORWARDING {
@@ -59,7 +93,7 @@ pub fn prepare_request(h: &mut HeaderMap, peer: IpAddr, proto: &'static str, pee
     let proto = match h.get(&xfp).map(HeaderValue::as_bytes) {
         Some(b"https") if peer_trusted => "https",
         Some(b"http") if peer_trusted => "http",
-        _ => proto,
+        _ => conn.scheme.as_str(),
     };
     let xff = HeaderName::from_static("x-forwarded-for");
     let prior: Vec<String> = h
@@ -71,7 +105,7 @@ pub fn prepare_request(h: &mut HeaderMap, peer: IpAddr, proto: &'static str, pee
     if !value.is_empty() {
         value.push_str(", ");
     }
-    value.push_str(&peer.to_string());
+    value.push_str(&conn.peer.ip().to_string());
     h.remove(&xff);
     if let Ok(v) = HeaderValue::from_str(&value) {
         h.insert(xff, v);
@@ -85,6 +119,14 @@ pub fn prepare_request(h: &mut HeaderMap, peer: IpAddr, proto: &'static str, pee
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn conn(peer: &str, trusted: bool) -> ClientConn {
+        ClientConn {
+            peer: SocketAddr::new(peer.parse().unwrap(), 4711),
+            scheme: ClientScheme::Http,
+            trusted,
+        }
+    }
 
     #[test]
     fn hop_by_hop_and_forwarding() {
@@ -110,7 +152,7 @@ mod tests {
             HeaderValue::from_static("application/json"),
         );
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        prepare_request(&mut h, "10.0.0.1".parse().unwrap(), "http", false);
+        prepare_request(&mut h, &conn("10.0.0.1", false));
         for gone in [
             "connection",
             "x-secret-hop",
@@ -137,7 +179,7 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
         h.insert("forwarded", HeaderValue::from_static("for=203.0.113.9"));
         h.insert("x-real-ip", HeaderValue::from_static("203.0.113.9"));
-        prepare_request(&mut h, "10.0.0.1".parse().unwrap(), "http", true);
+        prepare_request(&mut h, &conn("10.0.0.1", true));
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.51.100.1, 10.0.0.1");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["forwarded"], "for=203.0.113.9");
@@ -146,7 +188,6 @@ mod tests {
 
     #[test]
     fn forwarded_proto_from_a_trusted_peer_is_kept() {
-        let peer = "10.0.0.1".parse().unwrap();
         for (sent, trusted, want) in [
             (Some("https"), true, "https"),
             (Some("http"), true, "http"),
@@ -158,7 +199,7 @@ mod tests {
             if let Some(v) = sent {
                 h.insert("x-forwarded-proto", HeaderValue::from_static(v));
             }
-            prepare_request(&mut h, peer, "http", trusted);
+            prepare_request(&mut h, &conn("10.0.0.1", trusted));
             assert_eq!(h["x-forwarded-proto"], want, "{sent:?} trusted={trusted}");
         }
     }

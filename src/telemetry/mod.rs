@@ -1,5 +1,9 @@
-//! Logging. Nothing here ever receives a token: handlers log route classes, statuses, user and
-//! device ids only.
+//! What follows a request into logs and scrapes: the log subscriber (here), Prometheus
+//! [`metrics`], and [`request_id`]s. Nothing here ever receives a token: handlers log route
+//! classes, statuses, user and device ids only.
+
+pub mod metrics;
+pub mod request_id;
 
 use std::io::IsTerminal;
 

@@ -19,6 +19,8 @@
 //! warning is logged, and Redis is left alone for [`SHARED_BACKOFF`]: a rate limiter must not
 //! turn a store outage into refused logins or logouts.
 
+pub mod client_ip;
+
 use std::future::Future;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
