@@ -118,8 +118,13 @@ for f in "$CHART"/ci/*.yaml; do
         # The files a config names are mounted by the operator: stand-ins here.
         sed -i -e "s#/etc/matrix-refresh-proxy/tls/tls.crt#$OUT/pki/cert.pem#" \
             -e "s#/etc/matrix-refresh-proxy/tls/tls.key#$OUT/pki/key.pem#" \
-            -e "s#/etc/ssl/homeserver/ca.pem#$OUT/pki/cert.pem#" "$OUT/$name-$kv.config.1"
-        MRP_REDIS_URL=redis://127.0.0.1:1 "$PROXY" check-config --config "$OUT/$name-$kv.config.1" >/dev/null \
+            -e "s#/etc/ssl/homeserver/ca.pem#$OUT/pki/cert.pem#" \
+            -e "s#/run/secrets/mrp-redis/password#$OUT/pki/redis-password#" "$OUT/$name-$kv.config.1"
+        echo stand-in >"$OUT/pki/redis-password"
+        # Sentinel and Cluster sets take no URL (MRP_REDIS_URL would conflict, as intended).
+        url=redis://127.0.0.1:1
+        if grep -qE '^    (sentinel|cluster):' "$f"; then url=""; fi
+        env ${url:+MRP_REDIS_URL=$url} "$PROXY" check-config --config "$OUT/$name-$kv.config.1" >/dev/null \
             || die "check-config: the config.yaml rendered from $f"
     done
     sets=$((sets + 1))

@@ -54,21 +54,26 @@ const SESSIONS_ALIVE_SAMPLE: std::time::Duration = std::time::Duration::from_sec
 pub fn app(config: &Config) -> Result<App, RunError> {
     // For the TLS configs libraries build themselves (rediss://).
     tls::install_default_provider();
-    let store = RedisStore::new(&RedisSettings {
-        url: config.redis.url.clone(),
-        connect_timeout: config.redis.connect_timeout,
-        response_timeout: config.redis.response_timeout,
-        ca_file: config.redis.ca_file.clone(),
-    })?;
+    let store = RedisStore::new(&RedisSettings::from_config(&config.redis)?)?;
     let metrics = Arc::new(Metrics::new());
     // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
     let limits =
         arc_swap::ArcSwap::from_pointee(RateLimits::new(&config.rate_limit, store.clone()));
     // Without its invalidation tasks (started by `run`) the cache stays off-line: bypassed.
-    let cache = config
-        .cache
-        .enabled
-        .then(|| Arc::new(TokenCache::new(&config.cache, metrics.cache.clone())));
+    let cache = if !config.cache.enabled {
+        None
+    } else if !store::invalidation::supported(&store) {
+        tracing::warn!(
+            topology = store.topology(),
+            "token cache off: no invalidation channel for this Redis deployment yet"
+        );
+        None
+    } else {
+        Some(Arc::new(TokenCache::new(
+            &config.cache,
+            metrics.cache.clone(),
+        )))
+    };
     let sessions = Sessions::new(
         Cached::new(Instrumented::new(store.clone(), metrics.clone()), cache),
         config.tokens,
@@ -159,7 +164,7 @@ pub async fn run(
                 connect_timeout: config.redis.connect_timeout,
             },
         )
-        .map(AbortOnDrop)
+        .map(|tasks| tasks.map(AbortOnDrop))
     });
     tracing::info!(upstream = %config.upstream.url, "listening on {local}");
     let draining = app.clone();

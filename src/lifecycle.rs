@@ -131,7 +131,7 @@ pub fn apply(app: &App, old: &Config, new: &Config) {
     let restart_needed: Vec<&str> = [
         ("listen", old.listen != new.listen),
         ("upstream", old.upstream.url != new.upstream.url),
-        ("redis", old.redis.url != new.redis.url),
+        ("redis", old.redis != new.redis),
         (
             "trusted_proxies",
             old.trusted_proxies != new.trusted_proxies,

@@ -135,7 +135,7 @@ pub fn read_ca_bundle(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Reads the files the config names (TLS certificate and key, CA bundles) and checks that they
+/// Reads the files the config names (TLS certificate and key, CA bundles, Redis password) and checks that they
 /// parse, so the proxy refuses to start, `check-config` fails and a reload is refused on a bad
 /// one. Errors name the config key. [`Config::parse`] does not touch the filesystem.
 pub fn check_files(config: &Config) -> Result<(), ConfigError> {
@@ -160,7 +160,8 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
     if let Some(ca) = &config.redis.ca_file {
         read_ca_bundle(ca).map_err(named("redis.ca_file"))?;
     }
-    Ok(())
+    // Not TLS, but a file the config names all the same: the Sentinel/Cluster password.
+    crate::config::check_password_files(config)
 }
 
 /// The listener's rustls config: the chain and key, ALPN `h2` then `http/1.1` (hyper-util's

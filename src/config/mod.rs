@@ -70,11 +70,50 @@ pub struct UpstreamConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RedisConfig {
+    /// The single node (`redis.url`); the default when neither Sentinel nor Cluster is set.
     pub url: String,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     /// For a `rediss://` URL: the CA bundle (PEM) to trust instead of the system roots.
     pub ca_file: Option<PathBuf>,
+    /// Which Redis deployment: `url`, Sentinel or Cluster.
+    pub topology: RedisTopology,
+    /// Replicas that must hold a login's or refresh's write before it is answered (`WAIT`);
+    /// 0 = answer as soon as the master has it.
+    pub min_replicas_acked: u32,
+    /// How long `WAIT` may take; past it the client gets 503 and retries.
+    pub replica_ack_timeout: Duration,
+}
+
+/// The Redis deployment the proxy talks to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// One node at `redis.url` (redis-rs reconnects to that address).
+    Single,
+    /// A master found through Sentinel, followed across failovers.
+    Sentinel(SentinelConfig),
+    /// A Redis Cluster, slots followed by redis-rs' cluster client.
+    Cluster(ClusterConfig),
+}
+
+/// `redis.sentinel`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentinelConfig {
+    /// The name the Sentinels monitor the master under (`sentinel monitor <name> …`).
+    pub master_name: String,
+    /// Sentinel addresses (`host:port`), asked in order.
+    pub nodes: Vec<(String, u16)>,
+    /// File holding the password of the Redis master and replicas (not of the Sentinels).
+    pub password_file: Option<PathBuf>,
+}
+
+/// `redis.cluster`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Seed nodes (`host:port`); give them all, so start-up works with any of them down.
+    pub nodes: Vec<(String, u16)>,
+    /// File holding the password of the cluster nodes.
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -155,6 +194,36 @@ impl Config {
         raw.override_from(env);
         raw.validate()
     }
+}
+
+/// Reads a password file: its first line, which must not be empty.
+pub fn read_password(p: &Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    let pw = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if pw.is_empty() {
+        return Err(format!("{} is empty", p.display()));
+    }
+    Ok(pw.to_owned())
+}
+
+/// Reads the password files the `redis:` section names (for `check-config` and startup).
+pub fn check_password_files(config: &Config) -> Result<(), ConfigError> {
+    let password = match &config.redis.topology {
+        RedisTopology::Single => None,
+        RedisTopology::Sentinel(s) => s
+            .password_file
+            .as_ref()
+            .map(|p| ("redis.sentinel.password_file", p)),
+        RedisTopology::Cluster(c) => c
+            .password_file
+            .as_ref()
+            .map(|p| ("redis.cluster.password_file", p)),
+    };
+    if let Some((key, p)) = password {
+        read_password(p).map_err(|e| invalid(key, e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -264,6 +333,64 @@ mod tests {
     }
 
     #[test]
+    fn redis_sentinel_and_cluster() {
+        let c = parse(
+            "upstream: {url: 'http://hs'}\nredis:\n  sentinel: {master_name: mrp, nodes: ['10.0.0.1:26379', '[::1]:26380'], password_file: /run/pw}\n  min_replicas_acked: 1",
+        )
+        .unwrap();
+        assert_eq!(
+            c.redis.topology,
+            RedisTopology::Sentinel(SentinelConfig {
+                master_name: "mrp".into(),
+                nodes: vec![("10.0.0.1".into(), 26379), ("::1".into(), 26380)],
+                password_file: Some(PathBuf::from("/run/pw")),
+            })
+        );
+        assert_eq!(c.redis.min_replicas_acked, 1);
+        assert_eq!(c.redis.replica_ack_timeout, Duration::from_millis(500));
+        let c =
+            parse("upstream: {url: 'http://hs'}\nredis: {cluster: {nodes: ['a:7000', 'b:7001']}}")
+                .unwrap();
+        assert_eq!(
+            c.redis.topology,
+            RedisTopology::Cluster(ClusterConfig {
+                nodes: vec![("a".into(), 7000), ("b".into(), 7001)],
+                password_file: None,
+            })
+        );
+        let c = parse("upstream: {url: 'http://hs'}").unwrap();
+        assert_eq!(c.redis.topology, RedisTopology::Single);
+        assert_eq!(c.redis.min_replicas_acked, 0);
+        // MRP_REDIS_URL is a redis.url too.
+        let e = Config::parse(
+            "upstream: {url: 'http://hs'}\nredis: {cluster: {nodes: ['a:7000']}}",
+            |k| (k == "MRP_REDIS_URL").then(|| "redis://x".to_owned()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("MRP_REDIS_URL"), "{e}");
+        // check_files reads the password file.
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        let text = format!(
+            "upstream: {{url: 'http://hs'}}\nredis: {{sentinel: {{master_name: m, nodes: ['s:1'], password_file: '{}'}}}}",
+            pw.display()
+        );
+        let c = parse(&text).unwrap();
+        let e = check_password_files(&c).unwrap_err().to_string();
+        assert!(e.contains("redis.sentinel.password_file"), "{e}");
+        std::fs::write(&pw, "\n").unwrap();
+        assert!(
+            check_password_files(&c)
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        check_password_files(&c).unwrap();
+        assert_eq!(read_password(&pw).unwrap(), "s3cret");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("upstream: {url: 'http://hs'}\nlisten: nope", "listen"),
@@ -339,6 +466,46 @@ mod tests {
             (
                 "upstream: {url: 'http://hs'}\nredis: {url: 'redis://r', ca_file: ca.pem}",
                 "redis.ca_file",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {url: 'redis://r', sentinel: {master_name: m, nodes: ['s:26379']}}",
+                "redis.url",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {sentinel: {master_name: m, nodes: ['s:1']}, cluster: {nodes: ['c:1']}}",
+                "redis.cluster",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {sentinel: {nodes: ['s:26379']}}",
+                "redis.sentinel.master_name",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {sentinel: {master_name: m, nodes: []}}",
+                "redis.sentinel.nodes",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {sentinel: {master_name: m, nodes: ['s']}}",
+                "redis.sentinel.nodes",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {cluster: {nodes: ['c:99999']}}",
+                "redis.cluster.nodes",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {cluster: {nodes: ['c:1'], seeds: 2}}",
+                "unknown field",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {cluster: {nodes: ['c:1']}, ca_file: ca.pem}",
+                "redis.ca_file",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {min_replicas_acked: 17}",
+                "redis.min_replicas_acked",
+            ),
+            (
+                "upstream: {url: 'http://hs'}\nredis: {replica_ack_timeout: 2s}",
+                "redis.replica_ack_timeout",
             ),
         ];
         for (text, key) in cases {

@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use super::rate_limit::{self, RawRateLimit};
 use super::{
-    AdminConfig, Config, ConfigError, HttpConfig, LogConfig, LogFormat, RedisConfig, TlsConfig,
-    UpstreamConfig, invalid,
+    AdminConfig, ClusterConfig, Config, ConfigError, HttpConfig, LogConfig, LogFormat, RedisConfig,
+    RedisTopology, SentinelConfig, TlsConfig, UpstreamConfig, invalid,
 };
 use crate::session::Lifetimes;
 
@@ -30,7 +30,7 @@ pub(super) struct Raw {
     #[serde(default)]
     upstream: RawEndpoint,
     #[serde(default)]
-    redis: RawEndpoint,
+    redis: RawRedis,
     #[serde(default)]
     tokens: RawTokens,
     #[serde(default)]
@@ -71,6 +71,35 @@ struct RawEndpoint {
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
     ca_file: Option<String>,
+}
+
+/// `redis:`: the endpoint keys, or Sentinel / Cluster instead of `url`, and write durability.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Option<String>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    ca_file: Option<String>,
+    sentinel: Option<RawSentinel>,
+    cluster: Option<RawCluster>,
+    min_replicas_acked: Option<u32>,
+    replica_ack_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSentinel {
+    master_name: Option<String>,
+    nodes: Option<Vec<String>>,
+    password_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    nodes: Option<Vec<String>>,
+    password_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -294,23 +323,125 @@ impl RawEndpoint {
             ca_file: e.ca_file,
         })
     }
+}
 
+impl RawRedis {
     fn redis(self) -> Result<RedisConfig, ConfigError> {
-        let url = self
+        let topology = self.topology()?;
+        if topology != RedisTopology::Single {
+            let other = if matches!(topology, RedisTopology::Sentinel(_)) {
+                "redis.sentinel"
+            } else {
+                "redis.cluster"
+            };
+            if self.url.is_some() {
+                return Err(invalid(
+                    "redis.url",
+                    format!(
+                        "set together with {other} (use one of them; MRP_REDIS_URL counts too)"
+                    ),
+                ));
+            }
+            if self.ca_file.is_some() {
+                return Err(invalid(
+                    "redis.ca_file",
+                    format!("only for a rediss:// redis.url, not with {other}"),
+                ));
+            }
+        }
+        let endpoint = RawEndpoint {
+            url: self.url,
+            connect_timeout: self.connect_timeout,
+            response_timeout: self.response_timeout,
+            ca_file: self.ca_file,
+        };
+        let url = endpoint
             .url
             .clone()
             .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
         redis::Client::open(url.as_str())
             .map_err(|e| invalid("redis.url", format!("not a Redis URL: {}", e)))?;
         let tls = url.starts_with("rediss://");
-        let e = self.checks("redis", tls, "rediss", ("1s", "2s"))?;
-        Ok(RedisConfig {
+        let e = endpoint.checks("redis", tls, "rediss", ("1s", "2s"))?;
+        let redis = RedisConfig {
             url,
             connect_timeout: e.connect_timeout,
             response_timeout: e.response_timeout,
             ca_file: e.ca_file,
-        })
+            topology,
+            min_replicas_acked: self.min_replicas_acked.unwrap_or(0),
+            replica_ack_timeout: duration(
+                "redis.replica_ack_timeout",
+                self.replica_ack_timeout.as_deref(),
+                "500ms",
+            )?,
+        };
+        if redis.min_replicas_acked > 16 {
+            return Err(invalid(
+                "redis.min_replicas_acked",
+                "must be between 0 and 16 (replicas of one master)",
+            ));
+        }
+        if redis.replica_ack_timeout >= redis.response_timeout {
+            return Err(invalid(
+                "redis.replica_ack_timeout",
+                "must be shorter than redis.response_timeout (WAIT runs inside it)",
+            ));
+        }
+        Ok(redis)
     }
+
+    /// `redis.sentinel` / `redis.cluster`: at most one of them.
+    fn topology(&self) -> Result<RedisTopology, ConfigError> {
+        match (&self.sentinel, &self.cluster) {
+            (Some(_), Some(_)) => Err(invalid(
+                "redis.cluster",
+                "set together with redis.sentinel (use one of them)",
+            )),
+            (Some(s), None) => {
+                let master_name = s
+                    .master_name
+                    .clone()
+                    .filter(|n| !n.trim().is_empty())
+                    .ok_or_else(|| {
+                        invalid(
+                            "redis.sentinel.master_name",
+                            "missing (the name in `sentinel monitor <name> …`)",
+                        )
+                    })?;
+                Ok(RedisTopology::Sentinel(SentinelConfig {
+                    master_name,
+                    nodes: node_list("redis.sentinel.nodes", s.nodes.clone())?,
+                    password_file: path("redis.sentinel.password_file", s.password_file.clone())?,
+                }))
+            }
+            (None, Some(c)) => Ok(RedisTopology::Cluster(ClusterConfig {
+                nodes: node_list("redis.cluster.nodes", c.nodes.clone())?,
+                password_file: path("redis.cluster.password_file", c.password_file.clone())?,
+            })),
+            (None, None) => Ok(RedisTopology::Single),
+        }
+    }
+}
+
+/// `host:port` of a Sentinel or cluster node.
+fn host_port(key: &str, s: &str) -> Result<(String, u16), ConfigError> {
+    let bad = || invalid(key, format!("not host:port: {s:?}"));
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 || host.contains('/') {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
+fn node_list(key: &str, v: Option<Vec<String>>) -> Result<Vec<(String, u16)>, ConfigError> {
+    let v = v.unwrap_or_default();
+    if v.is_empty() {
+        return Err(invalid(key, "missing (a list of host:port)"));
+    }
+    v.iter().map(|s| host_port(key, s)).collect()
 }
 
 impl RawTokens {

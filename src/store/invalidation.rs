@@ -46,22 +46,30 @@ pub struct InvalidationSettings {
     pub connect_timeout: Duration,
 }
 
+/// Whether `store`'s deployment has an invalidation channel (a single node today; Sentinel and
+/// Cluster need the work described in the module doc). Without it the cache must stay off.
+pub fn supported(store: &RedisStore) -> bool {
+    store.subscriber_client().is_some()
+}
+
 /// Starts the subscriber and the heartbeat task; both run until their handles are aborted.
+/// `None` where the deployment has no invalidation channel ([`supported`]).
 pub fn spawn(
     cache: Arc<TokenCache>,
     store: &RedisStore,
     settings: InvalidationSettings,
-) -> [tokio::task::JoinHandle<()>; 2] {
+) -> Option<[tokio::task::JoinHandle<()>; 2]> {
+    let client = store.subscriber_client()?.clone();
     let replica = replica_id();
     let hb = heartbeat_channel(&replica);
     let subscriber = tokio::spawn(subscribe(
         cache.clone(),
-        store.client().clone(),
+        client,
         hb.clone(),
         settings.connect_timeout,
     ));
     let heartbeats = tokio::spawn(heartbeat(cache, store.clone(), hb, settings));
-    [subscriber, heartbeats]
+    Some([subscriber, heartbeats])
 }
 
 /// A random name for this process's heartbeat channel.

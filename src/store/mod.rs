@@ -1,6 +1,7 @@
 //! Session storage implementations of [`crate::session::TokenStore`].
 
 pub mod cached;
+pub mod connection;
 pub mod instrumented;
 pub mod invalidation;
 pub mod redis;

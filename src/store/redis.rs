@@ -26,9 +26,9 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, Value};
+use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, ToRedisArgs, Value};
 
+pub use super::connection::{RedisConn, Target, Timeouts};
 use crate::ratelimit::{Limited, SharedLimiter};
 use crate::session::{
     AccessRecord, Millis, NewSession, RefreshRecord, RotateResult, Rotation,
@@ -37,37 +37,135 @@ use crate::session::{
 
 const COMMON: &str = include_str!("lua/common.lua");
 
-fn script(body: &str) -> Script {
-    Script::new(&format!("{COMMON}\n{body}"))
+/// A Lua script: its text (sent with EVAL when a node does not have it yet) and SHA-1.
+struct Lua {
+    body: String,
+    sha: String,
+}
+
+impl Lua {
+    fn new(body: String) -> Self {
+        let sha = redis::Script::new(&body).get_hash().to_owned();
+        Lua { body, sha }
+    }
+}
+
+fn script(body: &str) -> Lua {
+    Lua::new(format!("{COMMON}\n{body}"))
+}
+
+/// One script call: KEYS and ARGV, run with EVALSHA and, on NOSCRIPT, with EVAL. EVAL loads
+/// the script on the node that serves the first key only; redis-rs' `Script` would send
+/// `SCRIPT LOAD` to every cluster primary and fail while any of them is down.
+#[derive(Default)]
+struct Call {
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Call {
+    fn key(mut self, k: impl ToRedisArgs) -> Self {
+        k.write_redis_args(&mut self.keys);
+        self
+    }
+
+    fn arg(mut self, a: impl ToRedisArgs) -> Self {
+        a.write_redis_args(&mut self.args);
+        self
+    }
+
+    fn cmd(&self, lua: &Lua, by_sha: bool) -> Cmd {
+        let mut c = if by_sha {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(&lua.sha);
+            c
+        } else {
+            let mut c = redis::cmd("EVAL");
+            c.arg(&lua.body);
+            c
+        };
+        c.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        c
+    }
 }
 
 /// Connection settings for [`RedisStore`].
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
-    pub url: String,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
-    /// For `rediss://`: trust only this CA bundle (PEM) instead of the system roots.
-    pub ca_file: Option<std::path::PathBuf>,
+    pub target: Target,
+    pub timeouts: Timeouts,
+    /// Replicas that must acknowledge a login's, refresh's or logout's write (`WAIT`) before
+    /// it counts as done; 0 = none.
+    pub min_replicas_acked: u32,
+    /// `WAIT`'s timeout.
+    pub replica_ack_timeout: Duration,
+}
+
+impl RedisSettings {
+    /// From the validated `redis:` section; reads the CA bundle and password files it names.
+    pub fn from_config(c: &crate::config::RedisConfig) -> Result<Self, StoreError> {
+        use crate::config::RedisTopology;
+        let password = |p: &Option<std::path::PathBuf>| {
+            p.as_deref()
+                .map(crate::config::read_password)
+                .transpose()
+                .map_err(StoreError)
+        };
+        let target =
+            match &c.topology {
+                RedisTopology::Single => Target::Url {
+                    url: c.url.clone(),
+                    ca_pem: match &c.ca_file {
+                        None => None,
+                        Some(ca) => Some(std::fs::read(ca).map_err(|e| {
+                            StoreError(format!("cannot read {}: {e}", ca.display()))
+                        })?),
+                    },
+                },
+                RedisTopology::Sentinel(s) => Target::Sentinel {
+                    master_name: s.master_name.clone(),
+                    nodes: s.nodes.clone(),
+                    password: password(&s.password_file)?,
+                },
+                RedisTopology::Cluster(cl) => Target::Cluster {
+                    nodes: cl.nodes.clone(),
+                    password: password(&cl.password_file)?,
+                },
+            };
+        Ok(RedisSettings {
+            target,
+            timeouts: Timeouts {
+                connect: c.connect_timeout,
+                response: c.response_timeout,
+            },
+            min_replicas_acked: c.min_replicas_acked,
+            replica_ack_timeout: c.replica_ack_timeout,
+        })
+    }
 }
 
 struct Scripts {
-    create: Script,
-    lookup_access: Script,
-    peek_refresh: Script,
-    rotate: Script,
-    purge: Script,
-    index_add: Script,
-    gcra: Script,
+    create: Lua,
+    lookup_access: Lua,
+    peek_refresh: Lua,
+    rotate: Lua,
+    purge: Lua,
+    index_add: Lua,
+    gcra: Lua,
+    touch: Lua,
 }
 
-/// Session storage on Redis through redis-rs' reconnecting [`ConnectionManager`].
+/// Session storage on Redis: one node, a Sentinel-managed master or a Cluster ([`RedisConn`]).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
-    /// For the dedicated invalidation subscriber ([`super::invalidation`]).
-    client: redis::Client,
+    conn: RedisConn,
+    /// For the token cache's dedicated invalidation subscriber ([`super::invalidation`]): the
+    /// node the data connection talks to. `None` on Sentinel and Cluster (not supported yet:
+    /// the cache is then off, README "Token cache").
+    subscriber: Option<redis::Client>,
     scripts: std::sync::Arc<Scripts>,
+    /// `(replicas, timeout ms)` for `WAIT`, when writes must reach replicas.
+    ack: Option<(u32, u64)>,
 }
 
 fn err(e: redis::RedisError) -> StoreError {
@@ -165,29 +263,16 @@ impl RedisStore {
     /// Creates the store without connecting: the proxy starts (and serves anonymous traffic)
     /// while Redis is down, and connects on first use.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let client = match &settings.ca_file {
-            None => redis::Client::open(settings.url.as_str()).map_err(err)?,
-            Some(ca) => {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| StoreError(format!("cannot read {}: {e}", ca.display())))?;
-                let certs = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                };
-                redis::Client::build_with_tls(settings.url.as_str(), certs).map_err(err)?
+        let conn = RedisConn::new(&settings.target, settings.timeouts).map_err(err)?;
+        let subscriber = match &settings.target {
+            Target::Url { url, ca_pem } => {
+                Some(super::connection::url_client(url, ca_pem.as_deref()).map_err(err)?)
             }
+            Target::Sentinel { .. } | Target::Cluster { .. } => None,
         };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.connect_timeout))
-            .set_response_timeout(Some(settings.response_timeout))
-            // Fail fast while Redis is down (the caller answers 503); reconnect on next use.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(err)?;
         Ok(RedisStore {
             conn,
-            client,
+            subscriber,
             scripts: std::sync::Arc::new(Scripts {
                 create: script(include_str!("lua/create.lua")),
                 lookup_access: script(include_str!("lua/lookup_access.lua")),
@@ -196,38 +281,91 @@ impl RedisStore {
                 purge: script(include_str!("lua/purge.lua")),
                 index_add: script(include_str!("lua/index_add.lua")),
                 // Self-contained: no session helpers.
-                gcra: Script::new(include_str!("lua/gcra.lua")),
+                gcra: Lua::new(include_str!("lua/gcra.lua").to_owned()),
+                touch: Lua::new(include_str!("lua/touch.lua").to_owned()),
+            }),
+            ack: (settings.min_replicas_acked > 0).then(|| {
+                (
+                    settings.min_replicas_acked,
+                    ms(settings.replica_ack_timeout).max(1),
+                )
             }),
         })
+    }
+
+    /// Runs a script; with `ack`, also `WAIT`s (in the same pipeline, so on the same node and
+    /// connection) for the configured replicas to hold everything written so far.
+    async fn run(&self, lua: &Lua, call: Call, ack: bool) -> Result<Value, StoreError> {
+        let mut c = self.conn.clone();
+        let wait = self.ack.filter(|_| ack);
+        for by_sha in [true, false] {
+            let r: Result<Value, RedisError> = match wait {
+                None => call.cmd(lua, by_sha).query_async(&mut c).await,
+                Some((n, timeout)) => {
+                    let mut p = redis::pipe();
+                    p.add_command(call.cmd(lua, by_sha))
+                        .cmd("WAIT")
+                        .arg(n)
+                        .arg(timeout);
+                    match p.query_async::<(Value, i64)>(&mut c).await {
+                        Ok((v, acked)) if acked >= i64::from(n) => Ok(v),
+                        Ok((_, acked)) => {
+                            return Err(StoreError(format!(
+                                "write acknowledged by {acked} of {n} required replicas within {timeout} ms"
+                            )));
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match r {
+                Err(e) if by_sha && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    continue;
+                }
+                r => return r.map_err(err),
+            }
+        }
+        unreachable!("the EVAL round returns")
+    }
+
+    /// Before answering with tokens a read found (a grace replay), makes sure they are on the
+    /// replicas too: a no-op write on the session's node, then `WAIT` (which covers every
+    /// earlier write on that node, the rotation that made the tokens included).
+    async fn confirm(&self, k: &Keys) -> Result<(), StoreError> {
+        if self.ack.is_some() {
+            self.run(&self.scripts.touch, Call::default().key(k.session()), true)
+                .await?;
+        }
+        Ok(())
     }
 }
 
 impl TokenStore for RedisStore {
     async fn create(&self, s: &NewSession, now: Millis) -> Result<(), StoreError> {
         let k = Keys::new(s.sid);
-        let mut c = self.conn.clone();
         let _: Value = self
-            .scripts
-            .create
-            .key(k.session())
-            .key(k.access(&s.access.id))
-            .key(k.refresh(&s.refresh.id))
-            .key(k.index())
-            .arg(&s.info.user_id)
-            .arg(&s.info.device_id)
-            .arg(s.ends_at)
-            .arg(now)
-            .arg(&s.access.sealed_upstream[..])
-            .arg(s.access.expires_at)
-            .arg(ms(s.access.ttl))
-            .arg(&s.refresh.sealed_upstream[..])
-            .arg(s.refresh.expires_at)
-            .arg(ms(s.refresh.ttl))
-            .arg(ms(s.ttl))
-            .arg(&s.access.id)
-            .invoke_async(&mut c)
-            .await
-            .map_err(err)?;
+            .run(
+                &self.scripts.create,
+                Call::default()
+                    .key(k.session())
+                    .key(k.access(&s.access.id))
+                    .key(k.refresh(&s.refresh.id))
+                    .key(k.index())
+                    .arg(&s.info.user_id)
+                    .arg(&s.info.device_id)
+                    .arg(s.ends_at)
+                    .arg(now)
+                    .arg(&s.access.sealed_upstream[..])
+                    .arg(s.access.expires_at)
+                    .arg(ms(s.access.ttl))
+                    .arg(&s.refresh.sealed_upstream[..])
+                    .arg(s.refresh.expires_at)
+                    .arg(ms(s.refresh.ttl))
+                    .arg(ms(s.ttl))
+                    .arg(&s.access.id),
+                true,
+            )
+            .await?;
         Ok(())
     }
 
@@ -238,20 +376,20 @@ impl TokenStore for RedisStore {
         now: Millis,
     ) -> Result<AccessRecord, StoreError> {
         let k = Keys::new(sid);
-        let mut c = self.conn.clone();
         let v: Value = self
-            .scripts
-            .lookup_access
-            .key(k.access(id))
-            .key(k.session())
-            .key(k.used())
-            .arg(now)
-            .arg(&k.prefix)
-            .arg(ms(SUPERSEDED_ACCESS_RETENTION))
-            .arg(id)
-            .invoke_async(&mut c)
-            .await
-            .map_err(err)?;
+            .run(
+                &self.scripts.lookup_access,
+                Call::default()
+                    .key(k.access(id))
+                    .key(k.session())
+                    .key(k.used())
+                    .arg(now)
+                    .arg(&k.prefix)
+                    .arg(ms(SUPERSEDED_ACCESS_RETENTION))
+                    .arg(id),
+                false,
+            )
+            .await?;
         let (status, rest) = reply(v)?;
         let mut rest = rest.into_iter();
         Ok(match status.as_str() {
@@ -282,20 +420,20 @@ impl TokenStore for RedisStore {
         revoke_on_reuse: bool,
     ) -> Result<RefreshRecord, StoreError> {
         let k = Keys::new(sid);
-        let mut c = self.conn.clone();
         let v: Value = self
-            .scripts
-            .peek_refresh
-            .key(k.refresh(id))
-            .key(k.session())
-            .key(k.index())
-            .key(k.used())
-            .arg(now)
-            .arg(id)
-            .arg(if revoke_on_reuse { "1" } else { "0" })
-            .invoke_async(&mut c)
-            .await
-            .map_err(err)?;
+            .run(
+                &self.scripts.peek_refresh,
+                Call::default()
+                    .key(k.refresh(id))
+                    .key(k.session())
+                    .key(k.index())
+                    .key(k.used())
+                    .arg(now)
+                    .arg(id)
+                    .arg(if revoke_on_reuse { "1" } else { "0" }),
+                false,
+            )
+            .await?;
         let (status, rest) = reply(v)?;
         let mut rest = rest.into_iter();
         Ok(match status.as_str() {
@@ -312,7 +450,11 @@ impl TokenStore for RedisStore {
                     ends_at,
                 }
             }
-            "grace" => grace(rest)?,
+            "grace" => {
+                let g = grace(rest)?;
+                self.confirm(&k).await?;
+                g
+            }
             "reused" => {
                 let info = info(
                     rest.next().ok_or_else(short)?,
@@ -334,37 +476,41 @@ impl TokenStore for RedisStore {
         now: Millis,
     ) -> Result<RotateResult, StoreError> {
         let k = Keys::new(sid);
-        let mut c = self.conn.clone();
         let v: Value = self
-            .scripts
-            .rotate
-            .key(k.refresh(old_id))
-            .key(k.session())
-            .key(k.index())
-            .key(k.used())
-            .key(k.access(&r.access.id))
-            .key(k.refresh(&r.refresh.id))
-            .arg(now)
-            .arg(old_id)
-            .arg(&r.access.id)
-            .arg(&r.refresh.id)
-            .arg(&r.access.sealed_upstream[..])
-            .arg(r.access.expires_at)
-            .arg(ms(r.access.ttl))
-            .arg(&r.refresh.sealed_upstream[..])
-            .arg(r.refresh.expires_at)
-            .arg(ms(r.refresh.ttl))
-            .arg(&r.sealed_successor[..])
-            .arg(ms(r.ttl))
-            .arg(&k.prefix)
-            .arg(ms(SUPERSEDED_ACCESS_RETENTION))
-            .invoke_async(&mut c)
-            .await
-            .map_err(err)?;
+            .run(
+                &self.scripts.rotate,
+                Call::default()
+                    .key(k.refresh(old_id))
+                    .key(k.session())
+                    .key(k.index())
+                    .key(k.used())
+                    .key(k.access(&r.access.id))
+                    .key(k.refresh(&r.refresh.id))
+                    .arg(now)
+                    .arg(old_id)
+                    .arg(&r.access.id)
+                    .arg(&r.refresh.id)
+                    .arg(&r.access.sealed_upstream[..])
+                    .arg(r.access.expires_at)
+                    .arg(ms(r.access.ttl))
+                    .arg(&r.refresh.sealed_upstream[..])
+                    .arg(r.refresh.expires_at)
+                    .arg(ms(r.refresh.ttl))
+                    .arg(&r.sealed_successor[..])
+                    .arg(ms(r.ttl))
+                    .arg(&k.prefix)
+                    .arg(ms(SUPERSEDED_ACCESS_RETENTION)),
+                true,
+            )
+            .await?;
         let (status, rest) = reply(v)?;
         Ok(match status.as_str() {
             "ok" => RotateResult::Committed,
-            "grace" => RotateResult::Lost(grace(rest.into_iter())?),
+            "grace" => {
+                let g = grace(rest.into_iter())?;
+                self.confirm(&k).await?;
+                RotateResult::Lost(g)
+            }
             "expired" => RotateResult::Lost(RefreshRecord::Expired),
             _ => RotateResult::Lost(RefreshRecord::Unknown),
         })
@@ -372,16 +518,16 @@ impl TokenStore for RedisStore {
 
     async fn purge(&self, sid: SessionId) -> Result<Option<SessionInfo>, StoreError> {
         let k = Keys::new(sid);
-        let mut c = self.conn.clone();
         let v: Value = self
-            .scripts
-            .purge
-            .key(k.session())
-            .key(k.index())
-            .key(k.used())
-            .invoke_async(&mut c)
-            .await
-            .map_err(err)?;
+            .run(
+                &self.scripts.purge,
+                Call::default()
+                    .key(k.session())
+                    .key(k.index())
+                    .key(k.used()),
+                true,
+            )
+            .await?;
         let Value::Array(items) = v else {
             return Ok(None);
         };
@@ -415,18 +561,18 @@ impl TokenStore for RedisStore {
         ttl: Duration,
         now: Millis,
     ) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
         let _: Value = self
-            .scripts
-            .index_add
-            .key(user_key(&info.user_id))
-            .arg(sid.tag())
-            .arg(&info.device_id)
-            .arg(ms(ttl))
-            .arg(now)
-            .invoke_async(&mut c)
-            .await
-            .map_err(err)?;
+            .run(
+                &self.scripts.index_add,
+                Call::default()
+                    .key(user_key(&info.user_id))
+                    .arg(sid.tag())
+                    .arg(&info.device_id)
+                    .arg(ms(ttl))
+                    .arg(now),
+                self.cluster(),
+            )
+            .await?;
         Ok(())
     }
 
@@ -443,7 +589,21 @@ impl TokenStore for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(err)?;
+        match &mut c {
+            // One node, not every primary: a cluster with a primary down still serves the
+            // sessions of the other slots, so the replicas stay ready.
+            RedisConn::Cluster(cc) => {
+                let routing = redis::cluster_routing::RoutingInfo::SingleNode(
+                    redis::cluster_routing::SingleNodeRoutingInfo::Random,
+                );
+                cc.route_command(redis::cmd("PING"), routing)
+                    .await
+                    .map_err(err)?;
+            }
+            _ => {
+                let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(err)?;
+            }
+        }
         Ok(())
     }
 }
@@ -458,17 +618,16 @@ impl SharedLimiter for RedisStore {
         period: Duration,
         burst: u32,
     ) -> Result<Result<(), Limited>, StoreError> {
-        let mut c = self.conn.clone();
         let period_us = period.as_micros().clamp(1, u64::MAX as u128) as u64;
-        let (allowed, wait_us): (i64, i64) = self
-            .scripts
-            .gcra
-            .key(key)
-            .arg(period_us)
-            .arg(burst)
-            .invoke_async(&mut c)
-            .await
-            .map_err(err)?;
+        let v = self
+            .run(
+                &self.scripts.gcra,
+                Call::default().key(key).arg(period_us).arg(burst),
+                false,
+            )
+            .await?;
+        let (allowed, wait_us): (i64, i64) = redis::from_redis_value(v)
+            .map_err(|e| StoreError(format!("unexpected rate limit reply: {e}")))?;
         if allowed == 1 {
             Ok(Ok(()))
         } else {
@@ -481,13 +640,37 @@ impl SharedLimiter for RedisStore {
 
 impl RedisStore {
     /// The connection, for the operator views in [`super::sessions_view`].
-    pub(super) fn connection(&self) -> ConnectionManager {
+    pub(super) fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 
-    /// The client the invalidation subscriber opens its own pub/sub connection with (the node
-    /// the data connection talks to).
-    pub(super) fn client(&self) -> &redis::Client {
-        &self.client
+    /// The client the token cache's invalidation subscriber opens its own pub/sub connection
+    /// with; `None` where that is not supported yet (Sentinel, Cluster).
+    pub(super) fn subscriber_client(&self) -> Option<&redis::Client> {
+        self.subscriber.as_ref()
+    }
+
+    /// Whether this is a Redis Cluster (keys of different slots live on different nodes).
+    pub(super) fn cluster(&self) -> bool {
+        matches!(self.conn, RedisConn::Cluster(_))
+    }
+
+    /// Which deployment: `single`, `sentinel` or `cluster`.
+    pub fn topology(&self) -> &'static str {
+        self.conn.kind()
+    }
+
+    /// Sentinel master switches followed so far (0 for other deployments).
+    pub fn master_switches(&self) -> u64 {
+        self.conn.master_switches()
+    }
+
+    /// For Sentinel: a receiver notified with the new master's address on each switch (so a
+    /// cache of session state can flush). `None` for other deployments.
+    pub fn master_switch_events(&self) -> Option<tokio::sync::watch::Receiver<Option<String>>> {
+        match &self.conn {
+            RedisConn::Sentinel(s) => Some(s.subscribe_switches()),
+            _ => None,
+        }
     }
 }

@@ -2,9 +2,13 @@
 //! session hashes, never a token record, never a sealed value.
 
 use redis::Value;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
+use super::connection::RedisConn;
 use crate::session::{Millis, SessionId, StoreError};
 use crate::store::RedisStore;
+
+const FIELDS: [&str; 6] = ["u", "d", "c", "lr", "aexp", "rexp"];
 
 /// What the operator API shows of one session (ms timestamps; `None` = not recorded / none).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,14 +42,30 @@ impl RedisStore {
         if sids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for sid in sids {
-            pipe.cmd("HMGET")
-                .arg(session_key(*sid))
-                .arg(&["u", "d", "c", "lr", "aexp", "rexp"]);
-        }
-        let mut c = self.connection();
-        let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut c).await.map_err(err)?;
+        let c = self.connection();
+        let rows: Vec<Vec<Option<String>>> = if self.cluster() {
+            // Sessions live in different slots (nodes): one HMGET each, all at once.
+            let calls = sids.iter().map(|sid| {
+                let mut c = c.clone();
+                async move {
+                    redis::cmd("HMGET")
+                        .arg(session_key(*sid))
+                        .arg(&FIELDS)
+                        .query_async::<Vec<Option<String>>>(&mut c)
+                        .await
+                }
+            });
+            futures_util::future::try_join_all(calls)
+                .await
+                .map_err(err)?
+        } else {
+            let mut pipe = redis::pipe();
+            for sid in sids {
+                pipe.cmd("HMGET").arg(session_key(*sid)).arg(&FIELDS);
+            }
+            let mut c = c;
+            pipe.query_async(&mut c).await.map_err(err)?
+        };
         Ok(sids
             .iter()
             .zip(rows)
@@ -73,25 +93,73 @@ impl RedisStore {
 
     /// Counts session records with `SCAN … MATCH mrp:{*}:s` (for the sampled
     /// `mrp_sessions_alive` gauge: run on an interval, never per scrape).
+    /// In a cluster, every primary is scanned.
     pub async fn count_sessions(&self) -> Result<u64, StoreError> {
-        let mut c = self.connection();
-        let mut cursor: u64 = 0;
-        let mut n: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<Value>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg("mrp:{*}:s")
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut c)
-                .await
-                .map_err(err)?;
-            n += keys.len() as u64;
-            if next == 0 {
-                return Ok(n);
-            }
-            cursor = next;
+        let c = self.connection();
+        let RedisConn::Cluster(mut cc) = c else {
+            return scan_count(c, None).await;
+        };
+        let nodes: String = cc
+            .route_command(
+                redis::cmd("CLUSTER").arg("NODES").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await
+            .and_then(|v| redis::from_redis_value(v).map_err(Into::into))
+            .map_err(err)?;
+        let mut n = 0;
+        for primary in primaries(&nodes) {
+            n += scan_count(RedisConn::Cluster(cc.clone()), Some(primary)).await?;
         }
+        Ok(n)
+    }
+}
+
+/// `host:port` of the primaries in `CLUSTER NODES` output that serve slots.
+fn primaries(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let flags = f.get(2)?;
+            if !flags.contains("master") || flags.contains("fail") || f.len() < 9 {
+                return None;
+            }
+            // ip:port@bus[,hostname]
+            let addr = f.get(1)?.split('@').next()?;
+            let (h, p) = addr.rsplit_once(':')?;
+            Some((h.to_owned(), p.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `SCAN … MATCH mrp:{*}:s` to the end on one node (`node` in a cluster).
+async fn scan_count(mut c: RedisConn, node: Option<(String, u16)>) -> Result<u64, StoreError> {
+    let mut cursor: u64 = 0;
+    let mut n: u64 = 0;
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg("mrp:{*}:s")
+            .arg("COUNT")
+            .arg(1000);
+        let reply: Value = match (&mut c, &node) {
+            (RedisConn::Cluster(cc), Some((host, port))) => {
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                cc.route_command(cmd, routing).await.map_err(err)?
+            }
+            _ => cmd.query_async(&mut c).await.map_err(err)?,
+        };
+        let (next, keys): (u64, Vec<Value>) = redis::from_redis_value(reply)
+            .map_err(|e| StoreError(format!("unexpected SCAN reply: {e}")))?;
+        n += keys.len() as u64;
+        if next == 0 {
+            return Ok(n);
+        }
+        cursor = next;
     }
 }

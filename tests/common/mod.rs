@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_hs;
+pub mod ha;
 pub mod redis;
 pub mod tls;
 
@@ -74,9 +75,15 @@ impl Default for ProxyOptions {
 
 impl ProxyProcess {
     pub fn start(upstream: &str, redis_url: &str, o: &ProxyOptions) -> Self {
+        Self::start_on(upstream, &format!("  url: \"{redis_url}\"\n"), o)
+    }
+
+    /// Like `start`, with the `redis:` section's location keys given as YAML lines indented
+    /// by two spaces (`  url: …`, or `  sentinel: {…}` / `  cluster: {…}`).
+    pub fn start_on(upstream: &str, redis_location: &str, o: &ProxyOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = format!(
-            "listen: \"127.0.0.1:0\"\nupstream:\n  url: \"{upstream}\"\n  connect_timeout: \"2s\"\n  response_timeout: \"{}\"\n{}redis:\n  url: \"{redis_url}\"\n  connect_timeout: \"500ms\"\n  response_timeout: \"1s\"\n{}tokens:\n  access_token_lifetime: \"{}\"\n  refresh_token_lifetime: {}\n  session_lifetime: {}\n  revoke_session_on_reuse: {}\nlog:\n  level: \"debug\"\n  format: \"{}\"\nadmin:\n  listen: {}\n{}",
+            "listen: \"127.0.0.1:0\"\nupstream:\n  url: \"{upstream}\"\n  connect_timeout: \"2s\"\n  response_timeout: \"{}\"\n{}redis:\n{redis_location}  connect_timeout: \"500ms\"\n  response_timeout: \"1s\"\n{}tokens:\n  access_token_lifetime: \"{}\"\n  refresh_token_lifetime: {}\n  session_lifetime: {}\n  revoke_session_on_reuse: {}\nlog:\n  level: \"debug\"\n  format: \"{}\"\nadmin:\n  listen: {}\n{}",
             o.response_timeout,
             o.upstream_extra,
             o.redis_extra,

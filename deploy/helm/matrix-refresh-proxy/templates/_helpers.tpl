@@ -71,6 +71,11 @@ A loopback address is refused: the kubelet and Prometheus connect to the pod IP.
 {{- include "mrp.port" .Values.config.admin.listen }}
 {{- end }}
 
+{{/* "true" when Redis is reached through Sentinel or Cluster (no URL, no URL Secret). */}}
+{{- define "mrp.redisHA" -}}
+{{- if or .Values.config.redis.sentinel .Values.config.redis.cluster }}true{{ end }}
+{{- end }}
+
 {{/* Secret and key holding the Redis URL. */}}
 {{- define "mrp.redisSecretName" -}}
 {{- if .Values.redis.existingSecret }}
@@ -123,11 +128,13 @@ The proxy's container. In sidecar mode an initContainers entry with restartPolic
   {{- end }}
   args: ["--config", "/etc/matrix-refresh-proxy/config.yaml"]
   env:
+    {{- if not (include "mrp.redisHA" .) }}
     - name: MRP_REDIS_URL
       valueFrom:
         secretKeyRef:
           name: {{ include "mrp.redisSecretName" . }}
           key: {{ include "mrp.redisSecretKey" . }}
+    {{- end }}
     {{- with .Values.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -177,6 +184,11 @@ The proxy's container. In sidecar mode an initContainers entry with restartPolic
     - name: mrp-config
       mountPath: /etc/matrix-refresh-proxy
       readOnly: true
+    {{- if .Values.redis.passwordSecret }}
+    - name: mrp-redis-password
+      mountPath: /run/secrets/mrp-redis
+      readOnly: true
+    {{- end }}
 {{- end }}
 
 {{/* The volume holding the rendered config.yaml. */}}
@@ -184,6 +196,11 @@ The proxy's container. In sidecar mode an initContainers entry with restartPolic
 - name: mrp-config
   configMap:
     name: {{ include "mrp.fullname" . }}
+{{- if .Values.redis.passwordSecret }}
+- name: mrp-redis-password
+  secret:
+    secretName: {{ .Values.redis.passwordSecret }}
+{{- end }}
 {{- end }}
 
 {{/* A humantime duration ("30s", "1m 30s", "90s", "500ms") in whole seconds, rounded up. */}}
