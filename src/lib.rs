@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::http::App;
 use crate::ratelimit::{AbortOnDrop, HOUSEKEEPING_INTERVAL, RateLimits};
 use crate::session::{Sessions, SystemClock};
-use crate::store::{Instrumented, RedisSettings, RedisStore};
+use crate::store::{Cached, Instrumented, RedisSettings, RedisStore, TokenCache};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -59,8 +59,23 @@ pub fn app(config: &Config) -> Result<App, RunError> {
     // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
     let limits =
         arc_swap::ArcSwap::from_pointee(RateLimits::new(&config.rate_limit, store.clone()));
+    // Without its invalidation tasks (started by `run`) the cache stays off-line: bypassed.
+    let cache = if !config.cache.enabled {
+        None
+    } else if !store::invalidation::supported(&store) {
+        tracing::warn!(
+            topology = store.topology(),
+            "token cache off: no invalidation channel for this Redis deployment yet"
+        );
+        None
+    } else {
+        Some(Arc::new(TokenCache::new(
+            &config.cache,
+            metrics.cache.clone(),
+        )))
+    };
     let sessions = Sessions::new(
-        Instrumented::new(store.clone(), metrics.clone()),
+        Cached::new(Instrumented::new(store.clone(), metrics.clone()), cache),
         config.tokens,
         Arc::new(SystemClock),
         Box::new(rand::rngs::OsRng),
@@ -148,6 +163,17 @@ pub async fn run(
         SESSIONS_ALIVE_SAMPLE,
     )));
     let _watchdog = AbortOnDrop(tokio::spawn(lifecycle::watchdog()));
+    let _invalidation = app.sessions.store().cache().map(|cache| {
+        store::invalidation::spawn(
+            cache.clone(),
+            &app.redis,
+            store::invalidation::InvalidationSettings {
+                heartbeat_interval: config.cache.heartbeat_interval,
+                connect_timeout: config.redis.connect_timeout,
+            },
+        )
+        .map(|tasks| tasks.map(AbortOnDrop))
+    });
     tracing::info!(upstream = %config.upstream.url, "listening on {local}");
     let draining = app.clone();
     let shutdown = async move {

@@ -59,6 +59,21 @@ pub enum RedisConn {
     Cluster(ClusterConnection),
 }
 
+/// The client for a `redis://`, `rediss://` (trusting only `ca_pem` when given) or
+/// `redis+unix://` URL; also used for the token cache's pub/sub connection.
+pub fn url_client(url: &str, ca_pem: Option<&[u8]>) -> Result<redis::Client, RedisError> {
+    match ca_pem {
+        None => redis::Client::open(url),
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+    }
+}
+
 fn manager_config(t: Timeouts) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(t.connect))
@@ -75,18 +90,8 @@ impl RedisConn {
     pub fn new(target: &Target, t: Timeouts) -> Result<Self, RedisError> {
         match target {
             Target::Url { url, ca_pem } => {
-                let client = match ca_pem {
-                    None => redis::Client::open(url.as_str())?,
-                    Some(pem) => {
-                        let certs = redis::TlsCertificates {
-                            client_tls: None,
-                            root_cert: Some(pem.clone()),
-                        };
-                        redis::Client::build_with_tls(url.as_str(), certs)?
-                    }
-                };
                 Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(
-                    client,
+                    url_client(url, ca_pem.as_deref())?,
                     manager_config(t),
                 )?))
             }

@@ -159,6 +159,10 @@ struct Scripts {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: RedisConn,
+    /// For the token cache's dedicated invalidation subscriber ([`super::invalidation`]): the
+    /// node the data connection talks to. `None` on Sentinel and Cluster (not supported yet:
+    /// the cache is then off, README "Token cache").
+    subscriber: Option<redis::Client>,
     scripts: std::sync::Arc<Scripts>,
     /// `(replicas, timeout ms)` for `WAIT`, when writes must reach replicas.
     ack: Option<(u32, u64)>,
@@ -260,8 +264,15 @@ impl RedisStore {
     /// while Redis is down, and connects on first use.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
         let conn = RedisConn::new(&settings.target, settings.timeouts).map_err(err)?;
+        let subscriber = match &settings.target {
+            Target::Url { url, ca_pem } => {
+                Some(super::connection::url_client(url, ca_pem.as_deref()).map_err(err)?)
+            }
+            Target::Sentinel { .. } | Target::Cluster { .. } => None,
+        };
         Ok(RedisStore {
             conn,
+            subscriber,
             scripts: std::sync::Arc::new(Scripts {
                 create: script(include_str!("lua/create.lua")),
                 lookup_access: script(include_str!("lua/lookup_access.lua")),
@@ -631,6 +642,12 @@ impl RedisStore {
     /// The connection, for the operator views in [`super::sessions_view`].
     pub(super) fn connection(&self) -> RedisConn {
         self.conn.clone()
+    }
+
+    /// The client the token cache's invalidation subscriber opens its own pub/sub connection
+    /// with; `None` where that is not supported yet (Sentinel, Cluster).
+    pub(super) fn subscriber_client(&self) -> Option<&redis::Client> {
+        self.subscriber.as_ref()
     }
 
     /// Whether this is a Redis Cluster (keys of different slots live on different nodes).
