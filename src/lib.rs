@@ -62,12 +62,6 @@ pub fn app(config: &Config) -> Result<App, RunError> {
     // Without its invalidation tasks (started by `run`) the cache stays off-line: bypassed.
     let cache = if !config.cache.enabled {
         None
-    } else if !store::invalidation::supported(&store) {
-        tracing::warn!(
-            topology = store.topology(),
-            "token cache off: no invalidation channel for this Redis deployment yet"
-        );
-        None
     } else {
         Some(Arc::new(TokenCache::new(
             &config.cache,

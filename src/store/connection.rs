@@ -218,9 +218,10 @@ fn no_master(detail: impl std::fmt::Display) -> RedisError {
     ))
 }
 
-/// The master in use: its address and a reconnecting connection to it.
+/// The master in use: its address, a client for it and a reconnecting connection to it.
 struct Master {
     addr: ConnectionAddr,
+    client: redis::Client,
     conn: ConnectionManager,
 }
 
@@ -289,6 +290,16 @@ impl SentinelConn {
         }
     }
 
+    /// A client for the current master (resolved first if none is known yet), for a
+    /// connection of its own such as the token cache's invalidation subscriber.
+    pub async fn master_client(self: &Arc<Self>) -> Result<redis::Client, RedisError> {
+        self.current().await?;
+        self.master
+            .load_full()
+            .map(|m| m.client.clone())
+            .ok_or_else(|| no_master("not resolved yet"))
+    }
+
     /// After a call: an error a failover explains makes the watcher ask Sentinel now.
     fn after<T>(&self, r: &Result<T, RedisError>) {
         if let Err(e) = r
@@ -316,10 +327,12 @@ impl SentinelConn {
         if current.as_ref().is_some_and(|m| m.addr == addr) {
             return Ok(());
         }
-        let conn = ConnectionManager::new_lazy_with_config(found, manager_config(self.timeouts))?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(found.clone(), manager_config(self.timeouts))?;
         let first = current.is_none();
         self.master.store(Some(Arc::new(Master {
             addr: addr.clone(),
+            client: found,
             conn,
         })));
         self.switches.fetch_add(1, Ordering::AcqRel);

@@ -613,13 +613,16 @@ pub enum CacheFlush {
     Liveness,
     /// An invalidation message that names no session: everything goes.
     BadMessage,
+    /// The Redis master changed (Sentinel): the subscriber moves to the new one.
+    MasterSwitch,
 }
 
 impl CacheFlush {
-    pub const ALL: [CacheFlush; 3] = [
+    pub const ALL: [CacheFlush; 4] = [
         CacheFlush::Disconnect,
         CacheFlush::Liveness,
         CacheFlush::BadMessage,
+        CacheFlush::MasterSwitch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -627,6 +630,7 @@ impl CacheFlush {
             CacheFlush::Disconnect => "disconnect",
             CacheFlush::Liveness => "liveness",
             CacheFlush::BadMessage => "bad_message",
+            CacheFlush::MasterSwitch => "master_switch",
         }
     }
 }
