@@ -43,6 +43,8 @@ pub enum RunError {
     Tls(#[from] tls::TlsError),
     #[error("{0}")]
     AdminSecret(#[from] admin::api::SecretError),
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(std::io::Error),
 }
@@ -74,12 +76,21 @@ pub fn app(config: &Config) -> Result<App, RunError> {
             metrics.cache.clone(),
         )))
     };
+    let escrow = config.escrow_keys()?.map(Arc::new);
+    if let Some(k) = &escrow {
+        tracing::info!(
+            key_id = %k.current().id_hex(),
+            previous_key_id = %k.previous().map(|p| p.id_hex()).unwrap_or_else(|| "-".into()),
+            "admin.upstream_key_file set: new sessions keep an escrow copy of the upstream token (operator upstream logout)"
+        );
+    }
     let sessions = Sessions::new(
         Cached::new(Instrumented::new(store.clone(), metrics.clone()), cache),
         config.tokens,
         Arc::new(SystemClock),
         Box::new(rand::rngs::OsRng),
-    );
+    )
+    .with_escrow(escrow);
     Ok(App {
         sessions,
         upstream: Upstream::new(&config.upstream, metrics.clone())?,
@@ -133,6 +144,14 @@ pub async fn run(
     });
     log_rate_limits(&config);
     // Background tasks, aborted when `run` returns (the guards drop).
+    let _master_switches = app.redis.master_switch_events().map(|mut switches| {
+        let metrics = app.metrics.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            while switches.changed().await.is_ok() {
+                metrics.redis_master_switched();
+            }
+        }))
+    });
     let limits = app.clone();
     let _housekeeping = AbortOnDrop(tokio::spawn(ratelimit::housekeeping(
         move || limits.limits.load_full(),

@@ -498,6 +498,19 @@ async fn sentinel_failover_and_killed_master_lose_nothing() {
     assert_clean(&stats, lost);
     logout_is_seen_by_the_other_replica(&urls).await;
     assert!(a.logs().contains("Sentinel master changed"), "{}", a.logs());
+    let m = common::get_url(&client(), &format!("{}/metrics", a.admin_url())).await;
+    let m = String::from_utf8_lossy(&m.body).into_owned();
+    let switches: u64 = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("mrp_redis_master_switches_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(switches >= 2, "two failovers followed: {switches}");
+    drop((a, b));
+    shared_login_budget(&hs, &loc).await;
 }
 
 /// Two more proxies with `rate_limit.backend: redis` on the same Redis share one login budget
@@ -572,5 +585,60 @@ async fn cluster_slot_migration_loses_nothing() {
     );
     assert_clean(&stats, lost);
     logout_is_seen_by_the_other_replica(&urls).await;
+    logout_all_reaches_every_slot(&urls).await;
     shared_login_budget(&hs, &loc).await;
+    // WAIT goes to the node that took the write: these masters have no replica, so a login
+    // that must be acknowledged by one is refused with 503 and Retry-After, and no token is
+    // handed out.
+    let strict = ProxyProcess::start_on(&hs.url(), &loc, &ha_options(1));
+    let r = send(
+        &client(),
+        Method::POST,
+        &format!("{}{LOGIN}", strict.url()),
+        None,
+        Some(login_body("strict")),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert!(r.headers.contains_key("retry-after"));
+    assert!(!String::from_utf8_lossy(&r.body).contains("access_token"));
+}
+
+/// `/logout/all` through one proxy ends a user's sessions in every slot (the per-user index
+/// is its own key; each session is purged on its own node).
+async fn logout_all_reaches_every_slot(urls: &[String]) {
+    let c = client();
+    let mut ats = Vec::new();
+    for i in 0..6 {
+        let r = send(
+            &c,
+            Method::POST,
+            &format!("{}{LOGIN}", urls[i % 2]),
+            None,
+            Some(login_body("many")),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        ats.push(r.json()["access_token"].as_str().unwrap().to_owned());
+    }
+    let out = send(
+        &c,
+        Method::POST,
+        &format!("{}{LOGOUT}/all", urls[0]),
+        Some(&ats[0]),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(out.status, 200, "{:?}", out.json());
+    for at in &ats {
+        let w = send(
+            &c,
+            Method::GET,
+            &format!("{}{WHOAMI}", urls[1]),
+            Some(at),
+            None,
+        )
+        .await;
+        assert_eq!(w.status, 401, "a session survived /logout/all");
+    }
 }

@@ -3,6 +3,7 @@
 //! Free of HTTP and Redis types: the rules talk to storage through [`TokenStore`] and read time
 //! and randomness from injected sources, so they can be driven by tests.
 
+pub mod escrow;
 pub mod seal;
 pub mod token;
 
@@ -86,6 +87,8 @@ pub struct NewSession {
     pub access: NewToken,
     pub refresh: NewToken,
     pub ttl: Duration,
+    /// The upstream token sealed under the server's key ([`escrow`]), when one is configured.
+    pub upstream_escrow: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Debug)]
@@ -274,6 +277,8 @@ pub struct Sessions<S> {
     lifetimes: std::sync::RwLock<Lifetimes>,
     clock: Arc<dyn Clock>,
     rng: Mutex<Box<dyn RngCore + Send>>,
+    /// `admin.upstream_key_file`: new sessions also keep an [`escrow`] copy of the upstream token.
+    escrow: Option<Arc<escrow::EscrowKeys>>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -296,7 +301,19 @@ impl<S: TokenStore> Sessions<S> {
             lifetimes: std::sync::RwLock::new(lifetimes),
             clock,
             rng: Mutex::new(rng),
+            escrow: None,
         }
+    }
+
+    /// Seals each new session's upstream token under `keys` too (operator upstream logout).
+    pub fn with_escrow(mut self, keys: Option<Arc<escrow::EscrowKeys>>) -> Self {
+        self.escrow = keys;
+        self
+    }
+
+    /// The keys that open [`NewSession::upstream_escrow`] values, when configured.
+    pub fn escrow(&self) -> Option<&escrow::EscrowKeys> {
+        self.escrow.as_deref()
     }
 
     pub fn store(&self) -> &S {
@@ -384,6 +401,7 @@ impl<S: TokenStore> Sessions<S> {
         let sid = self.with_rng(|rng| SessionId::generate(rng));
         let ends_at = self.lifetimes().session.map(|d| now + ms(d)).unwrap_or(0);
         let (pair, access, refresh, ttl) = self.new_pair(sid, upstream, now, ends_at);
+        let upstream_escrow = self.escrow.as_ref().map(|k| k.seal(sid, upstream));
         // Index first: an index entry without a session is harmless, a session missing from the
         // index would survive /logout/all.
         self.store.index_session(&info, sid, ttl, now).await?;
@@ -394,6 +412,7 @@ impl<S: TokenStore> Sessions<S> {
             access,
             refresh,
             ttl,
+            upstream_escrow,
         };
         self.store.create(&s, now).await?;
         Ok(pair)

@@ -237,9 +237,9 @@ pub struct SentinelConn {
     /// strong reference while it waits, so it ends with the connection).
     kick: Arc<tokio::sync::Notify>,
     watcher_started: AtomicBool,
-    /// Bumped on each switch (observers such as a cache flush on it).
+    /// Bumped on each master change (the first master found included).
     switches: AtomicU64,
-    /// Sent the new master's address on each switch.
+    /// Sent the new master's address on each switch (not for the first master found).
     switch_tx: tokio::sync::watch::Sender<Option<String>>,
 }
 
@@ -270,7 +270,8 @@ impl SentinelConn {
         })
     }
 
-    /// Notified with the new master's address after every switch.
+    /// Notified with the new master's address after every switch (observers such as a cache
+    /// flush on it).
     pub fn subscribe_switches(&self) -> tokio::sync::watch::Receiver<Option<String>> {
         self.switch_tx.subscribe()
     }
@@ -326,8 +327,8 @@ impl SentinelConn {
             tracing::info!(master = %addr, "redis: Sentinel master found");
         } else {
             tracing::warn!(master = %addr, "redis: Sentinel master changed, switched to it");
+            self.switch_tx.send_replace(Some(addr.to_string()));
         }
-        self.switch_tx.send_replace(Some(addr.to_string()));
         Ok(())
     }
 
@@ -340,32 +341,44 @@ impl SentinelConn {
         tokio::spawn(listen_switch_master(weak));
     }
 
-    /// `SENTINEL get-master-addr-by-name` on the first Sentinel that answers.
-    async fn ask_master_addr(&self) -> Option<(String, u16)> {
-        for (h, p) in &self.nodes {
-            let Ok(client) = redis::Client::open((h.as_str(), *p)) else {
-                continue;
-            };
-            let cfg = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.timeouts.connect))
-                .set_response_timeout(Some(self.timeouts.response));
-            let Ok(mut c) = client
-                .get_multiplexed_async_connection_with_config(&cfg)
-                .await
-            else {
-                continue;
-            };
-            let r: Result<Option<(String, u16)>, _> = redis::cmd("SENTINEL")
-                .arg("get-master-addr-by-name")
-                .arg(&self.master_name)
-                .query_async(&mut c)
-                .await;
-            if let Ok(Some(a)) = r {
-                return Some(a);
+    /// `SENTINEL get-master-addr-by-name` on the first Sentinel that answers; `poll` keeps the
+    /// connection to the one that answered last.
+    async fn ask_master_addr(&self, poll: &mut Poll) -> Option<(String, u16)> {
+        for _ in 0..self.nodes.len() {
+            if poll.conn.is_none() {
+                let (h, p) = &self.nodes[poll.node % self.nodes.len()];
+                let cfg = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.timeouts.connect))
+                    .set_response_timeout(Some(self.timeouts.response));
+                let client = redis::Client::open((h.as_str(), *p)).ok()?;
+                poll.conn = client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await
+                    .ok();
             }
+            if let Some(c) = poll.conn.as_mut() {
+                let r: Result<Option<(String, u16)>, _> = redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.master_name)
+                    .query_async(c)
+                    .await;
+                if let Ok(Some(a)) = r {
+                    return Some(a);
+                }
+            }
+            // Unreachable or not answering for our master: the next Sentinel.
+            poll.conn = None;
+            poll.node += 1;
         }
         None
     }
+}
+
+/// The watcher's Sentinel connection for its polls.
+#[derive(Default)]
+struct Poll {
+    node: usize,
+    conn: Option<redis::aio::MultiplexedConnection>,
 }
 
 fn same_addr(a: &ConnectionAddr, host: &str, port: u16) -> bool {
@@ -379,6 +392,7 @@ async fn watch(conn: std::sync::Weak<SentinelConn>) {
     let Some(kick) = conn.upgrade().map(|s| s.kick.clone()) else {
         return;
     };
+    let mut poll = Poll::default();
     loop {
         let kicked = tokio::select! {
             _ = kick.notified() => true,
@@ -388,7 +402,7 @@ async fn watch(conn: std::sync::Weak<SentinelConn>) {
         let stale = if kicked {
             true
         } else {
-            match (s.ask_master_addr().await, s.master.load_full()) {
+            match (s.ask_master_addr(&mut poll).await, s.master.load_full()) {
                 (Some((h, p)), Some(m)) => !same_addr(&m.addr, &h, p),
                 (Some(_), None) => true,
                 (None, _) => false,

@@ -7,7 +7,7 @@
 //!
 //! | key | type | fields / members | TTL |
 //! |---|---|---|---|
-//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms, `lr` last refresh ms (0 none yet), `aexp` current access expiry ms, `rexp` current refresh idle expiry ms (0 none), `sa` id of the newest superseded access token still held in full | longest of its records |
+//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms, `lr` last refresh ms (0 none yet), `aexp` current access expiry ms, `rexp` current refresh idle expiry ms (0 none), `sa` id of the newest superseded access token still held in full, `ue` the upstream token sealed under the server key (only with `admin.upstream_key_file`, [`crate::session::escrow`]) | longest of its records |
 //! | `mrp:{T}:a:<id>` | hash | `ut` sealed upstream token, `exp` expiry ms, `used` 0/1, `prev` predecessor refresh id | as the session; superseded: expiry + 1 h, and deleted once a newer one is superseded |
 //! | `mrp:{T}:r:<id>` | hash | `st` live/rotated, `ut` sealed upstream token (live only), `exp` idle expiry ms (0 none), `at` paired access id, `prev` predecessor refresh id, `next` sealed successor pair and `natexp` its access expiry (rotated only) | idle expiry + 24 h; rotated: deleted when its grace ends |
 //! | `mrp:{T}:k` | zset | names of the session's live token keys (`a:`, `r:`), scored by their expiry; a name leaves when its key is deleted, and is rescored when its TTL is shortened | as the session |
@@ -362,7 +362,8 @@ impl TokenStore for RedisStore {
                     .arg(s.refresh.expires_at)
                     .arg(ms(s.refresh.ttl))
                     .arg(ms(s.ttl))
-                    .arg(&s.access.id),
+                    .arg(&s.access.id)
+                    .arg(s.upstream_escrow.as_deref().unwrap_or_default()),
                 true,
             )
             .await?;
