@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::http::App;
 use crate::ratelimit::{AbortOnDrop, HOUSEKEEPING_INTERVAL, RateLimits};
-use crate::session::{Sessions, SystemClock};
+use crate::session::Sessions;
 use crate::store::{Cached, Instrumented, RedisSettings, RedisStore, TokenCache};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -87,7 +87,7 @@ pub fn app(config: &Config) -> Result<App, RunError> {
     let sessions = Sessions::new(
         Cached::new(Instrumented::new(store.clone(), metrics.clone()), cache),
         config.tokens,
-        Arc::new(SystemClock),
+        session::clock_from_env(),
         Box::new(rand::rngs::OsRng),
     )
     .with_escrow(escrow);
