@@ -95,7 +95,12 @@ EOF
 }
 
 step "helm template x ${#HELMS[@]} helm x ${#KUBE_VERSIONS[@]} kube versions, kubernetes-validate, check-config"
-mkdir -p "$OUT/pki"
+mkdir -p "$OUT/pki" "$OUT/admin"
+# Stand-ins for the adminApi Secret's files (ci/admin-api-values.yaml, deploy/kubernetes): a
+# bearer secret and two distinct upstream keys, raw bytes and hex, as operators create them.
+openssl rand -hex 32 >"$OUT/admin/admin-token"
+head -c 32 /dev/urandom >"$OUT/admin/upstream-key"
+openssl rand -hex 32 >"$OUT/admin/upstream-key.previous"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=mrp.test \
     -keyout "$OUT/pki/key.pem" -out "$OUT/pki/cert.pem" 2>/dev/null || die "openssl: a test certificate"
 sets=0
@@ -119,7 +124,8 @@ for f in "$CHART"/ci/*.yaml; do
         sed -i -e "s#/etc/matrix-refresh-proxy/tls/tls.crt#$OUT/pki/cert.pem#" \
             -e "s#/etc/matrix-refresh-proxy/tls/tls.key#$OUT/pki/key.pem#" \
             -e "s#/etc/ssl/homeserver/ca.pem#$OUT/pki/cert.pem#" \
-            -e "s#/run/secrets/mrp-redis/password#$OUT/pki/redis-password#" "$OUT/$name-$kv.config.1"
+            -e "s#/run/secrets/mrp-redis/password#$OUT/pki/redis-password#" \
+            -e "s#/run/secrets/matrix-refresh-proxy/#$OUT/admin/#" "$OUT/$name-$kv.config.1"
         echo stand-in >"$OUT/pki/redis-password"
         # Sentinel and Cluster sets take no URL (MRP_REDIS_URL would conflict, as intended).
         url=redis://127.0.0.1:1
@@ -129,7 +135,15 @@ for f in "$CHART"/ci/*.yaml; do
     done
     sets=$((sets + 1))
 done
-[ "$sets" -ge 6 ] || die "only $sets value sets in $CHART/ci"
+[ "$sets" -ge 8 ] || die "only $sets value sets in $CHART/ci"
+# The adminApi set: the Secret's files are mounted read-only where the rendered config points.
+r=$(ls "$OUT"/admin-api-values-1.33.0-*.yaml | head -1)
+for f in admin-token upstream-key upstream-key.previous; do
+    grep -q "_file: /run/secrets/matrix-refresh-proxy/$f\$" "$r" || die "admin-api-values: config does not name $f"
+    grep -q "path: $f\$" "$r" || die "admin-api-values: no Secret item $f"
+done
+grep -A1 "mountPath: /run/secrets/matrix-refresh-proxy\$" "$r" | grep -q "readOnly: true" \
+    || die "admin-api-values: the Secret is not mounted read-only"
 
 step "helm template must fail"
 base=$CHART/ci/minimal-values.yaml
@@ -150,14 +164,31 @@ must_fail "a drain longer than the grace period" "terminationGracePeriodSeconds"
 must_fail "drain + preStop = grace period" "terminationGracePeriodSeconds" --set config.shutdown_timeout=40s --kube-version 1.31.0
 must_fail "sidecar mode on Kubernetes 1.28" "1.29" -f "$CHART/ci/sidecar-pod-values.yaml" --kube-version 1.28.0
 must_fail "an unknown mode" "mode" --set mode=daemonset
+must_fail "an unknown adminApi key" "existingSecrt" --set adminApi.existingSecrt=mrp-admin
+must_fail "upstream key without the adminApi Secret" "existingSecret" --set adminApi.upstreamKeySecretKey=upstream-key
+must_fail "a previous upstream key alone" "previous key only opens" --set adminApi.existingSecret=a --set adminApi.previousUpstreamKeySecretKey=old
+must_fail "adminApi with the admin listener off" "admin listener" --set adminApi.existingSecret=a --set config.admin.listen=none
 
 # ---- plain manifests ----
 step "deploy/kubernetes: kubernetes-validate"
 for kv in 1.29.0 1.33.0 1.35.0; do
     "$KV" --strict --quiet -k "$kv" deploy/kubernetes/*.yaml || die "kubernetes-validate -k $kv deploy/kubernetes"
-    cp deploy/kubernetes/redis-secret.yaml.example "$OUT/redis-secret.yaml"
-    "$KV" --strict --quiet -k "$kv" "$OUT/redis-secret.yaml" || die "kubernetes-validate redis-secret.yaml.example"
+    for ex in redis-secret admin-secret; do
+        cp "deploy/kubernetes/$ex.yaml.example" "$OUT/$ex.yaml"
+        "$KV" --strict --quiet -k "$kv" "$OUT/$ex.yaml" || die "kubernetes-validate $ex.yaml.example"
+    done
 done
+# The example's config.yaml through check-config, with stand-ins for the admin Secret's files.
+"$VENV/bin/python" - deploy/kubernetes/configmap.yaml "$OUT/kube-config.yaml" <<'EOF'
+import sys, yaml
+cm = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "ConfigMap")
+open(sys.argv[2], "w").write(cm["data"]["config.yaml"])
+EOF
+grep -q 'token_file: "/run/secrets/matrix-refresh-proxy/admin-token"' "$OUT/kube-config.yaml" \
+    || die "deploy/kubernetes: admin.token_file not wired"
+sed -i "s#/run/secrets/matrix-refresh-proxy/#$OUT/admin/#" "$OUT/kube-config.yaml"
+MRP_REDIS_URL=redis://127.0.0.1:1 "$PROXY" check-config --config "$OUT/kube-config.yaml" >/dev/null \
+    || die "check-config: deploy/kubernetes/configmap.yaml"
 
 # ---- systemd ----
 step "systemd-analyze verify, security"
@@ -166,6 +197,15 @@ unit=$OUT/matrix-refresh-proxy.service
 sed "s#/usr/local/bin/matrix-refresh-proxy#$PROXY#g" deploy/systemd/matrix-refresh-proxy.service >"$unit"
 systemd-analyze verify "$unit" 2>&1 | grep -v -e 'Failed to connect to bus' -e 'Failed to create' >"$OUT/verify" || true
 if [ -s "$OUT/verify" ]; then cat "$OUT/verify"; die "systemd-analyze verify"; fi
+# The unit with its admin LoadCredential= lines switched on (README "Operator session API")
+# must verify too.
+with_creds=$OUT/with-credentials/matrix-refresh-proxy.service
+mkdir -p "$(dirname "$with_creds")"
+sed -e 's/^#\(LoadCredential=admin-token:\)/\1/' -e 's/^#\(LoadCredential=upstream-key:\)/\1/' "$unit" >"$with_creds"
+[ "$(grep -c -e '^LoadCredential=admin-token:' -e '^LoadCredential=upstream-key:' "$with_creds")" = 2 ] \
+    || die "systemd: the admin LoadCredential= lines are missing"
+systemd-analyze verify "$with_creds" 2>&1 | grep -v -e 'Failed to connect to bus' -e 'Failed to create' >"$OUT/verify" || true
+if [ -s "$OUT/verify" ]; then cat "$OUT/verify"; die "systemd-analyze verify (LoadCredential= on)"; fi
 exposure=$(systemd-analyze security --offline=yes --no-pager "$unit" | sed -n 's/.*Overall exposure level for .*: \([0-9.]*\).*/\1/p')
 [ -n "$exposure" ] || die "systemd-analyze security printed no exposure level"
 echo "systemd exposure: $exposure (threshold $MAX_EXPOSURE)"

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::http::App;
 use crate::ratelimit::{AbortOnDrop, HOUSEKEEPING_INTERVAL, RateLimits};
-use crate::session::{Sessions, SystemClock};
+use crate::session::Sessions;
 use crate::store::{Cached, Instrumented, RedisSettings, RedisStore, TokenCache};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -43,6 +43,8 @@ pub enum RunError {
     Tls(#[from] tls::TlsError),
     #[error("{0}")]
     AdminSecret(#[from] admin::api::SecretError),
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(std::io::Error),
 }
@@ -68,12 +70,21 @@ pub fn app(config: &Config) -> Result<App, RunError> {
             metrics.cache.clone(),
         )))
     };
+    let escrow = config.escrow_keys()?.map(Arc::new);
+    if let Some(k) = &escrow {
+        tracing::info!(
+            key_id = %k.current().id_hex(),
+            previous_key_id = %k.previous().map(|p| p.id_hex()).unwrap_or_else(|| "-".into()),
+            "admin.upstream_key_file set: new sessions keep an escrow copy of the upstream token (operator upstream logout)"
+        );
+    }
     let sessions = Sessions::new(
         Cached::new(Instrumented::new(store.clone(), metrics.clone()), cache),
         config.tokens,
-        Arc::new(SystemClock),
+        session::clock_from_env(),
         Box::new(rand::rngs::OsRng),
-    );
+    )
+    .with_escrow(escrow);
     Ok(App {
         sessions,
         upstream: Upstream::new(&config.upstream, metrics.clone())?,

@@ -23,6 +23,10 @@ struct Cli {
     /// `sessions`: the admin listener's base URL (default: from `admin.listen`).
     #[arg(long, global = true, env = "MRP_ADMIN_URL")]
     admin_url: Option<String>,
+    /// `sessions`: the file holding the admin secret (default: `admin.token_file`), e.g. the
+    /// root-only original of a systemd credential.
+    #[arg(long, global = true, env = "MRP_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -57,6 +61,10 @@ enum SessionsCommand {
         /// End every session of this user.
         #[arg(long)]
         user: Option<String>,
+        /// Also log the sessions out at the homeserver (needs `admin.upstream_key_file` on the
+        /// proxy; sessions made before it was set cannot be).
+        #[arg(long)]
+        logout_upstream: bool,
         /// Print the API's JSON answer.
         #[arg(long)]
         json: bool,
@@ -80,15 +88,23 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(&cli.config)
-        .and_then(|c| matrix_refresh_proxy::tls::check_files(&c).map(|()| c))
-        .with_context(|| format!("configuration {}", cli.config.display()))?;
+    let context = || format!("configuration {}", cli.config.display());
+    let config = Config::load(&cli.config).with_context(context)?;
+    if let Some(Command::Sessions(cmd)) = cli.command {
+        // The server's own files (TLS key, upstream key) are not the CLI's business.
+        return sessions_cli::run(
+            &config,
+            cli.admin_url.as_deref(),
+            cli.admin_token_file.as_deref(),
+            cmd,
+        );
+    }
+    matrix_refresh_proxy::tls::check_files(&config)
+        .and_then(|()| config.escrow_keys().map(drop))
+        .with_context(context)?;
     if let Some(Command::CheckConfig) = cli.command {
         println!("{}: OK", cli.config.display());
         return Ok(());
-    }
-    if let Some(Command::Sessions(cmd)) = cli.command {
-        return sessions_cli::run(&config, cli.admin_url.as_deref(), cmd);
     }
     matrix_refresh_proxy::telemetry::init(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -130,6 +146,10 @@ mod sessions_cli {
 
     use super::SessionsCommand;
 
+    fn upstream_query(yes: bool) -> &'static str {
+        if yes { "?logout_upstream=true" } else { "" }
+    }
+
     fn enc(s: &str) -> String {
         percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
     }
@@ -137,6 +157,7 @@ mod sessions_cli {
     pub fn run(
         config: &Config,
         admin_url: Option<&str>,
+        token_file: Option<&std::path::Path>,
         cmd: SessionsCommand,
     ) -> anyhow::Result<()> {
         let addr = match admin_url {
@@ -155,11 +176,11 @@ mod sessions_cli {
                 format!("http://{addr}")
             }
         };
-        let Some(file) = &config.admin.token_file else {
+        let Some(file) = token_file.or(config.admin.token_file.as_deref()) else {
             bail!("admin.token_file is not set: the admin API is off");
         };
         let secret = std::fs::read_to_string(file)
-            .with_context(|| format!("admin.token_file {}", file.display()))?;
+            .with_context(|| format!("admin token file {}", file.display()))?;
         let base = format!("{addr}/admin/v1");
         let (method, url, json) = match &cmd {
             SessionsCommand::List { user_id, json } => (
@@ -169,20 +190,30 @@ mod sessions_cli {
             ),
             SessionsCommand::Revoke {
                 session_id: Some(sid),
+                logout_upstream,
                 json,
                 ..
             } => (
                 http::Method::DELETE,
-                format!("{base}/sessions/{}", enc(sid)),
+                format!(
+                    "{base}/sessions/{}{}",
+                    enc(sid),
+                    upstream_query(*logout_upstream)
+                ),
                 *json,
             ),
             SessionsCommand::Revoke {
                 user: Some(user),
+                logout_upstream,
                 json,
                 ..
             } => (
                 http::Method::DELETE,
-                format!("{base}/users/{}/sessions", enc(user)),
+                format!(
+                    "{base}/users/{}/sessions{}",
+                    enc(user),
+                    upstream_query(*logout_upstream)
+                ),
                 *json,
             ),
             SessionsCommand::Revoke { .. } => bail!("give a session id or --user"),
@@ -251,6 +282,13 @@ mod sessions_cli {
             }
             SessionsCommand::Revoke { .. } => {
                 println!("{} session(s) ended", v["ended"].as_u64().unwrap_or(0));
+                let up = &v["upstream_logout"];
+                if up.is_object() {
+                    println!(
+                        "upstream logout: {} done, {} failed, {} not possible (made before admin.upstream_key_file)",
+                        up["done"], up["failed"], up["not_possible"]
+                    );
+                }
             }
             SessionsCommand::Stats { .. } => {
                 println!("sessions alive:        {}", v["sessions_alive"]);

@@ -244,6 +244,7 @@ async fn expired_refresh_store_errors_and_purge_causes_are_counted() {
         ProxyOptions {
             access: "2s",
             refresh: "\"2s\"",
+            test_clock: true,
             ..Default::default()
         },
         false,
@@ -262,7 +263,7 @@ async fn expired_refresh_store_errors_and_purge_causes_are_counted() {
     );
     assert_eq!(h.whoami(&at(&bob)).await.status, 401);
 
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    h.advance_clock(Duration::from_millis(2000));
     assert_eq!(h.refresh(&rt(&v)).await.status, 403);
 
     h.redis.kill();

@@ -211,17 +211,36 @@ async fn bad_input_changes_nothing() {
     assert_eq!(r.errcode(), "M_NOT_FOUND");
     let r = admin(h, Method::POST, "/admin/v1/stats").await;
     assert_eq!(r.status, 405);
-    // Upstream logout cannot be done (the upstream token is sealed under the client's token):
-    // refused, and the session is untouched.
+    // Without admin.upstream_key_file, upstream logout cannot be done (the upstream token is
+    // sealed under the client's token): refused with how to enable it; the session is untouched.
+    let sid = sessions(&admin(h, Method::GET, "/admin/v1/users/@erin:fake.test/sessions").await)[0]
+        ["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for path in [
+        "/admin/v1/users/@erin:fake.test/sessions?logout_upstream=true".to_owned(),
+        format!("/admin/v1/sessions/{sid}?logout_upstream=true"),
+    ] {
+        let r = admin(h, Method::DELETE, &path).await;
+        assert_eq!(r.status, 400, "{:?}", r.json());
+        assert_eq!(r.errcode(), "M_INVALID_PARAM");
+        let msg = r.json()["error"].as_str().unwrap().to_owned();
+        assert!(
+            msg.contains("admin.upstream_key_file") && msg.contains("Nothing was changed"),
+            "{msg}"
+        );
+    }
+    // A misspelt value is refused rather than read as false.
     let r = admin(
         h,
         Method::DELETE,
-        "/admin/v1/users/@erin:fake.test/sessions?logout_upstream=true",
+        &format!("/admin/v1/sessions/{sid}?logout_upstream=yes"),
     )
     .await;
     assert_eq!(r.status, 400, "{:?}", r.json());
-    assert_eq!(r.errcode(), "M_INVALID_PARAM");
     assert_eq!(h.whoami(&at(&l)).await.status, 200);
+    assert!(h.hs.requests_to("/logout").is_empty());
     // Never served on the client port.
     let r = h
         .get("/admin/v1/users/@erin:fake.test/sessions", Some(SECRET))
@@ -403,4 +422,383 @@ async fn cli_list_and_revoke() {
     let (ok, _, err) = cli(h, &["sessions", "list", "ivan"]);
     assert!(!ok);
     assert!(err.contains("M_INVALID_PARAM"), "{err}");
+    // No admin.upstream_key_file on this proxy: --logout-upstream says how to enable it.
+    let l3 = h.login("ivan").await;
+    let (ok, _, err) = cli(
+        h,
+        &[
+            "sessions",
+            "revoke",
+            "--user",
+            "@ivan:fake.test",
+            "--logout-upstream",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("admin.upstream_key_file"), "{err}");
+    assert_eq!(h.whoami(&at(&l3)).await.status, 200, "nothing changed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_revoke_logout_upstream() {
+    let a = start_with_key().await;
+    let h = &a.h;
+    let l1 = h.login("judy").await;
+    let l2 = h.login("judy").await;
+    let (ut1, ut2) = (
+        upstream_token(h, &at(&l1)).await,
+        upstream_token(h, &at(&l2)).await,
+    );
+    let list = sessions(&admin(h, Method::GET, "/admin/v1/users/@judy:fake.test/sessions").await);
+    let sid1 = session_of(&list, &l1["device_id"]);
+    // The CLI does not read the server's key (it may not be readable where the CLI runs).
+    std::fs::remove_file(a._dir.path().join("key-a")).unwrap();
+    // --admin-token-file overrides admin.token_file.
+    let wrong = a._dir.path().join("wrong-token");
+    std::fs::write(&wrong, "not-the-secret\n").unwrap();
+    let w = wrong.to_str().unwrap();
+    let (ok, _, err) = cli(
+        h,
+        &[
+            "sessions",
+            "--admin-token-file",
+            w,
+            "list",
+            "@judy:fake.test",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("401") && err.contains("M_UNKNOWN_TOKEN"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(
+        h,
+        &["sessions", "--admin-token-file", "/nonexistent/t", "stats"],
+    );
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/t"), "{err}");
+    let (ok, out, err) = cli(h, &["sessions", "revoke", &sid1, "--logout-upstream"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 session(s) ended"), "{out}");
+    assert!(
+        out.contains("upstream logout: 1 done, 0 failed, 0 not possible"),
+        "{out}"
+    );
+    assert!(!h.hs.is_live(&ut1));
+    assert!(h.hs.is_live(&ut2));
+    let (ok, out, err) = cli(
+        h,
+        &[
+            "sessions",
+            "revoke",
+            "--user",
+            "@judy:fake.test",
+            "--logout-upstream",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(out.trim()).unwrap(),
+        json!({"ended": 1, "upstream_logout": {"done": 1, "failed": 0, "not_possible": 0}})
+    );
+    assert!(!h.hs.is_live(&ut2));
+    assert_unknown_token(&h.whoami(&at(&l2)).await, false);
+}
+
+// ---- ?logout_upstream=true with admin.upstream_key_file ----
+
+fn key_file(dir: &std::path::Path, name: &str, seed: u8) -> std::path::PathBuf {
+    let f = dir.join(name);
+    let key: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(seed))
+        .collect();
+    std::fs::write(&f, key).unwrap();
+    f
+}
+
+fn key_options(dir: &std::path::Path, current: &str, previous: Option<&str>) -> ProxyOptions {
+    let token = dir.join("admin-token");
+    std::fs::write(&token, SECRET).unwrap();
+    let mut extra = format!(
+        "  token_file: \"{}\"\n  upstream_key_file: \"{}\"\n",
+        token.display(),
+        dir.join(current).display()
+    );
+    if let Some(p) = previous {
+        extra += &format!(
+            "  previous_upstream_key_file: \"{}\"\n",
+            dir.join(p).display()
+        );
+    }
+    ProxyOptions {
+        extra,
+        ..Default::default()
+    }
+}
+
+async fn start_with_key() -> Admin {
+    let dir = tempfile::tempdir().unwrap();
+    key_file(dir.path(), "key-a", 1);
+    let o = key_options(dir.path(), "key-a", None);
+    Admin {
+        h: Harness::with(o, false).await,
+        _dir: dir,
+    }
+}
+
+/// The upstream token behind a proxy access token, as the fake homeserver receives it.
+async fn upstream_token(h: &Harness, access: &str) -> String {
+    h.hs.clear_requests();
+    assert_eq!(h.whoami(access).await.status, 200);
+    let ut = h.hs.requests_to("/account/whoami")[0].bearer().unwrap();
+    assert!(common::fake_hs::FakeHs::is_upstream_token(&ut), "{ut}");
+    ut
+}
+
+fn session_of(list: &[Value], device: &Value) -> String {
+    list.iter().find(|s| &s["device_id"] == device).unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The bearer tokens the fake homeserver received on `/logout`.
+fn logged_out(h: &Harness) -> Vec<String> {
+    h.hs.requests_to("/logout")
+        .iter()
+        .filter_map(|r| r.bearer())
+        .collect()
+}
+
+#[tokio::test]
+async fn logout_upstream_ends_the_homeserver_device_too() {
+    let a = start_with_key().await;
+    let h = &a.h;
+    let l1 = h.login("frank").await;
+    let l2 = h.login("frank").await;
+    let l3 = h.login("frank").await;
+    let grace = h.login("grace").await;
+    let (ut1, ut2, ut3, ut_grace) = (
+        upstream_token(h, &at(&l1)).await,
+        upstream_token(h, &at(&l2)).await,
+        upstream_token(h, &at(&l3)).await,
+        upstream_token(h, &at(&grace)).await,
+    );
+    // The escrow copy is sealed: no upstream token in clear anywhere in Redis.
+    let dump = h.redis.cli(&["--scan", "--pattern", "mrp:*"]);
+    for k in dump.lines().filter(|k| k.ends_with(":s")) {
+        let v = h.redis.cli(&["HGETALL", k]);
+        assert!(!v.contains("syt_fake"), "{k}: {v}");
+        assert!(v.contains("ue"), "no escrow field in {k}: {v}");
+    }
+    let list = sessions(&admin(h, Method::GET, "/admin/v1/users/@frank:fake.test/sessions").await);
+    assert_eq!(list.len(), 3);
+
+    // One session: it ends here and at the homeserver, with its own upstream token.
+    h.hs.clear_requests();
+    let sid1 = session_of(&list, &l1["device_id"]);
+    let r = admin(
+        h,
+        Method::DELETE,
+        &format!("/admin/v1/sessions/{sid1}?logout_upstream=true"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(
+        r.json(),
+        json!({"ended": 1, "upstream_logout": {"done": 1, "failed": 0, "not_possible": 0}})
+    );
+    assert_eq!(logged_out(h), vec![ut1.clone()]);
+    let rec = &h.hs.requests_to("/logout")[0];
+    assert_eq!(rec.method, Method::POST);
+    assert_eq!(rec.path, "/_matrix/client/v3/logout");
+    assert!(!h.hs.is_live(&ut1));
+    assert!(h.hs.is_live(&ut2) && h.hs.is_live(&ut3) && h.hs.is_live(&ut_grace));
+    assert_unknown_token(&h.whoami(&at(&l1)).await, false);
+    assert_eq!(h.refresh(&rt(&l1)).await.status, 401);
+
+    // A session made before the key was set has no escrow copy (simulated by removing it).
+    let sid3 = session_of(&list, &l3["device_id"]);
+    h.redis.cli(&["HDEL", &format!("mrp:{{{sid3}}}:s"), "ue"]);
+    // All of the user's sessions: both end; one is logged out upstream, one cannot be.
+    h.hs.clear_requests();
+    let r = admin(
+        h,
+        Method::DELETE,
+        "/admin/v1/users/@frank:fake.test/sessions?logout_upstream=true",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(
+        r.json(),
+        json!({"ended": 2, "upstream_logout": {"done": 1, "failed": 0, "not_possible": 1}})
+    );
+    assert_eq!(logged_out(h), vec![ut2.clone()]);
+    assert!(!h.hs.is_live(&ut2));
+    assert!(
+        h.hs.is_live(&ut3),
+        "no escrow copy: the homeserver device stays"
+    );
+    for l in [&l2, &l3] {
+        assert_unknown_token(&h.whoami(&at(l)).await, false);
+    }
+    assert_eq!(h.whoami(&at(&grace)).await.status, 200);
+    assert!(h.hs.is_live(&ut_grace));
+
+    // Audit lines carry the counts; no token, upstream or proxy, is ever logged.
+    let logs = h.proxy.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("admin call") && l.contains("revoke_user_sessions"))
+        .unwrap_or_else(|| panic!("no audit line:\n{logs}"));
+    assert!(
+        line.contains("count=2")
+            && line.contains("upstream_done=1")
+            && line.contains("upstream_failed=0")
+            && line.contains("upstream_not_possible=1"),
+        "{line}"
+    );
+    assert!(!logs.contains("syt_fake"), "an upstream token in the logs");
+    for t in [at(&l1), rt(&l1), at(&l2)] {
+        assert!(!logs.contains(&t));
+    }
+    let m = h.metrics().await;
+    for want in [
+        "mrp_admin_upstream_logouts_total{outcome=\"done\"} 2",
+        "mrp_admin_upstream_logouts_total{outcome=\"failed\"} 0",
+        "mrp_admin_upstream_logouts_total{outcome=\"not_possible\"} 1",
+        "mrp_upstream_request_duration_seconds_count{route=\"admin_logout\"} 2",
+    ] {
+        assert!(m.contains(want), "{want} in\n{m}");
+    }
+}
+
+#[tokio::test]
+async fn logout_upstream_failure_still_ends_the_session() {
+    let a = start_with_key().await;
+    let h = &a.h;
+    let l = h.login("henry").await;
+    let ut = upstream_token(h, &at(&l)).await;
+    h.hs.answer(
+        "/logout",
+        500,
+        json!({"errcode": "M_UNKNOWN", "error": "boom"}),
+    );
+    let r = admin(
+        h,
+        Method::DELETE,
+        "/admin/v1/users/@henry:fake.test/sessions?logout_upstream=true",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(
+        r.json(),
+        json!({"ended": 1, "upstream_logout": {"done": 0, "failed": 1, "not_possible": 0}})
+    );
+    assert_eq!(logged_out(h), vec![ut]);
+    assert_unknown_token(&h.whoami(&at(&l)).await, false);
+    // An unknown session is 404 and calls nobody.
+    h.hs.clear_requests();
+    let r = admin(
+        h,
+        Method::DELETE,
+        "/admin/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA?logout_upstream=true",
+    )
+    .await;
+    assert!(matches!(r.status.as_u16(), 400 | 404), "{:?}", r.json());
+    assert!(h.hs.requests_to("/logout").is_empty());
+    // Without the flag nothing is sent upstream, with the key configured or not.
+    let l = h.login("henry").await;
+    let r = admin(
+        h,
+        Method::DELETE,
+        "/admin/v1/users/@henry:fake.test/sessions",
+    )
+    .await;
+    assert_eq!(r.json(), json!({"ended": 1}));
+    assert!(h.hs.requests_to("/logout").is_empty());
+    assert_unknown_token(&h.whoami(&at(&l)).await, false);
+}
+
+#[tokio::test]
+async fn upstream_key_rotation_keeps_the_previous_key_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    key_file(dir.path(), "key-a", 1);
+    key_file(dir.path(), "key-b", 2);
+    let mut h = Harness::with(key_options(dir.path(), "key-a", None), false).await;
+    let old = h.login("ivy").await;
+    let old_ut = upstream_token(&h, &at(&old)).await;
+    // Rotate: key-b seals from now on, key-a (previous) still opens.
+    h.proxy = ProxyProcess::start(
+        &h.hs.url(),
+        &h.redis.url(),
+        &key_options(dir.path(), "key-b", Some("key-a")),
+    );
+    let new = h.login("ivy").await;
+    let new_ut = upstream_token(&h, &at(&new)).await;
+    let list = sessions(&admin(&h, Method::GET, "/admin/v1/users/@ivy:fake.test/sessions").await);
+    let old_sid = session_of(&list, &old["device_id"]);
+    let r = admin(
+        &h,
+        Method::DELETE,
+        &format!("/admin/v1/sessions/{old_sid}?logout_upstream=true"),
+    )
+    .await;
+    assert_eq!(r.json()["upstream_logout"]["done"], 1, "{:?}", r.json());
+    assert!(!h.hs.is_live(&old_ut));
+    // Previous key dropped: a session sealed under it cannot be logged out upstream any more.
+    let older = h.login("ivy").await; // sealed under key-b
+    let older_ut = upstream_token(&h, &at(&older)).await;
+    h.proxy = ProxyProcess::start(
+        &h.hs.url(),
+        &h.redis.url(),
+        &key_options(dir.path(), "key-a", None),
+    );
+    let r = admin(
+        &h,
+        Method::DELETE,
+        "/admin/v1/users/@ivy:fake.test/sessions?logout_upstream=true",
+    )
+    .await;
+    assert_eq!(
+        r.json(),
+        json!({"ended": 2, "upstream_logout": {"done": 0, "failed": 0, "not_possible": 2}})
+    );
+    assert!(h.hs.is_live(&new_ut) && h.hs.is_live(&older_ut));
+    assert!(
+        h.proxy.logs().contains("opens under no configured key"),
+        "the reason is logged"
+    );
+}
+
+#[test]
+fn a_malformed_upstream_key_stops_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    std::fs::write(&key, "not-a-key\n").unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: 127.0.0.1:0\nupstream: {{url: 'http://127.0.0.1:9'}}\nredis: {{url: 'redis://127.0.0.1:9'}}\nadmin: {{listen: 127.0.0.1:0, upstream_key_file: '{}'}}\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    for cmd in [&["check-config"][..], &[][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_matrix-refresh-proxy"))
+            .args(cmd)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("admin.upstream_key_file") && err.contains("32"),
+            "{err}"
+        );
+    }
 }

@@ -840,3 +840,56 @@ fn kubernetes_readme_says_edit_first_before_apply() {
     );
     assert!(readme[edit..apply].contains("CONDUIT_SERVER_NAME"));
 }
+
+/// The Kubernetes example wires the operator API's Secret: the config's `admin.token_file` and
+/// `admin.upstream_key_file` are files of a Secret volume that only the proxy mounts, read-only,
+/// and the Secret example has those keys (empty: the proxy refuses to start on them).
+#[test]
+fn kubernetes_admin_secret_is_mounted_read_only_where_the_config_points() {
+    let objects = kube_objects();
+    let (config, _) = kube_proxy_config(&objects);
+    let proxy = sidecar(&objects);
+    let pod = pod_spec(&objects);
+    let files = [
+        config.admin.token_file.clone().expect("admin.token_file"),
+        config
+            .admin
+            .upstream_key_file
+            .clone()
+            .expect("admin.upstream_key_file"),
+    ];
+    for file in &files {
+        let dir = file.parent().unwrap().to_str().unwrap();
+        let name = file.file_name().unwrap().to_str().unwrap();
+        let mount = proxy["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == dir)
+            .unwrap_or_else(|| panic!("nothing mounted at {dir}"));
+        assert_eq!(mount["readOnly"], true, "{dir}");
+        let volume = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        let secret = &volume["secret"];
+        let item = secret["items"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|i| i["path"] == name)
+            .unwrap_or_else(|| panic!("no Secret item for {name}"));
+        let example = object(&objects, "Secret", str_at(secret, "secretName"));
+        assert!(
+            example["stringData"][str_at(item, "key")].is_string(),
+            "{name}: key missing in the Secret example"
+        );
+        // Only the proxy mounts it.
+        for c in pod["containers"].as_sequence().unwrap() {
+            let mounts = c["volumeMounts"].as_sequence().cloned().unwrap_or_default();
+            assert!(mounts.iter().all(|m| m["name"] != mount["name"]));
+        }
+    }
+}

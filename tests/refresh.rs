@@ -211,11 +211,11 @@ async fn fifty_parallel_refreshes_yield_one_identical_pair() {
 
 #[tokio::test]
 async fn expired_access_token_is_soft_logout_then_refresh_works() {
-    let h = Harness::with_access("1s").await;
+    let h = Harness::with_access_and_clock("1s").await;
     let v = h.login("alice").await;
     assert_eq!(v["expires_in_ms"], 1000);
     assert_eq!(h.whoami(&at(&v)).await.status, 200);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    h.advance_clock(Duration::from_millis(1000));
     h.hs.clear_requests();
     assert_unknown_token(&h.whoami(&at(&v)).await, true);
     assert!(
@@ -233,13 +233,14 @@ async fn refresh_idle_expiry_is_403_forbidden() {
         ProxyOptions {
             access: "1s",
             refresh: "\"2s\"",
+            test_clock: true,
             ..Default::default()
         },
         false,
     )
     .await;
     let v = h.login("alice").await;
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    h.advance_clock(Duration::from_millis(2000));
     let r = h.refresh(&rt(&v)).await;
     assert_eq!(r.status, 403, "{:?}", r.json());
     assert_eq!(r.errcode(), "M_FORBIDDEN");
@@ -251,6 +252,7 @@ async fn session_lifetime_caps_tokens_and_ends_with_403() {
         ProxyOptions {
             access: "1h",
             session: "\"2s\"",
+            test_clock: true,
             ..Default::default()
         },
         false,
@@ -261,7 +263,7 @@ async fn session_lifetime_caps_tokens_and_ends_with_403() {
     assert!(v["expires_in_ms"].as_u64().unwrap() <= 2000);
     let n = h.refresh(&rt(&v)).await.json();
     assert!(n["expires_in_ms"].as_u64().unwrap() <= 2000);
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    h.advance_clock(Duration::from_millis(2000));
     assert_unknown_token(&h.whoami(&at(&n)).await, true);
     let r = h.refresh(&rt(&n)).await;
     assert_eq!(r.status, 403);

@@ -74,6 +74,10 @@ fn footprint(h: &Harness) -> (usize, usize, usize, u64) {
     let mut bytes = 0;
     for k in &keys {
         let n: u64 = h.redis.cli(&["MEMORY", "USAGE", k]).trim().parse().unwrap();
+        if std::env::var("MRP_FOOTPRINT_DETAIL").is_ok() {
+            let enc = h.redis.cli(&["OBJECT", "ENCODING", k]);
+            println!("  {n:>5} bytes {} {k}", enc.trim());
+        }
         bytes += n;
     }
     let index = h.redis.cli(&["ZRANGE", &format!("{prefix}k"), "0", "-1"]);
@@ -83,6 +87,49 @@ fn footprint(h: &Harness) -> (usize, usize, usize, u64) {
         .filter(|n| h.redis.cli(&["EXISTS", n]).trim() != "1")
         .count();
     (keys.len(), names.len(), dangling, bytes)
+}
+
+/// With `admin.upstream_key_file` a session also keeps the escrow copy of its upstream token
+/// (field `ue`, the token + 16 bytes): the same keys, the session hash one allocator size class
+/// larger (measured +48..64 B with the fake homeserver's 16-byte tokens). The bound is the
+/// login bound plus that one copy: 2 KiB + 128 B.
+#[tokio::test]
+async fn session_state_with_upstream_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("upstream-key");
+    std::fs::write(&key, (1u8..=32).collect::<Vec<u8>>()).unwrap();
+    let h = Harness::with(
+        ProxyOptions {
+            extra: format!("  upstream_key_file: \"{}\"\n", key.display()),
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let v = h.login("alice").await;
+    let s = session_key(&h);
+    let ue = h.redis.cli(&["HSTRLEN", &s, "ue"]);
+    let ue: usize = ue.trim().parse().unwrap();
+    let (keys, names, dangling, bytes) = footprint(&h);
+    println!(
+        "after login, with upstream_key_file: {keys} keys, {names} index names ({dangling} dangling), {bytes} bytes (escrow field {ue} bytes)"
+    );
+    assert!(ue > 16, "escrow field: {ue} bytes");
+    assert!(bytes <= 2048 + 128, "{bytes} bytes right after login");
+    // Refreshes never rewrite or copy it.
+    let mut rt_now = rt(&v);
+    for _ in 0..20 {
+        let n = h.refresh(&rt_now).await;
+        assert_eq!(n.status, 200);
+        let n = n.json();
+        assert_eq!(h.whoami(&at(&n)).await.status, 200);
+        rt_now = rt(&n);
+    }
+    let (keys, _, dangling, bytes) = footprint(&h);
+    println!("after 20 refreshes, with upstream_key_file: {keys} keys, {bytes} bytes");
+    assert!(keys <= 8 && dangling == 0 && bytes <= 8192);
+    let after: usize = h.redis.cli(&["HSTRLEN", &s, "ue"]).trim().parse().unwrap();
+    assert_eq!(after, ue);
 }
 
 #[tokio::test]

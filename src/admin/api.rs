@@ -12,9 +12,16 @@
 //! in constant time; every caller IP has a small budget, and a failed attempt costs five times
 //! a good one. One audit log line per call (target `mrp::audit`).
 //!
-//! `?logout_upstream=true` is refused (400 `M_INVALID_PARAM`, nothing changes): the upstream
-//! token is sealed under a key derived from the client's proxy token (`session::seal`), which
-//! the proxy never stores, so an operator call cannot recover it by design.
+//! `?logout_upstream=true` on both `DELETE`s also logs the ended sessions out at the homeserver
+//! (`POST /_matrix/client/v3/logout` with their upstream tokens), and the answer gains
+//! `"upstream_logout": {"done", "failed", "not_possible"}`. The sessions end first, whatever the
+//! homeserver does. Every other copy of an upstream token is sealed under a key derived from the
+//! client's own token, which the proxy does not keep; so this needs `admin.upstream_key_file`,
+//! under which new sessions keep a second, escrow copy ([`crate::session::escrow`]). Without it
+//! the call is refused (400 `M_INVALID_PARAM`, saying how to enable it) and nothing changes.
+//! Sessions made before the key was set have no escrow copy: `not_possible`. At most
+//! [`UPSTREAM_LOGOUT_CONCURRENCY`] homeserver calls run at once, each bounded by
+//! [`UPSTREAM_LOGOUT_TIMEOUT`], all by [`UPSTREAM_LOGOUT_DEADLINE`].
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -42,6 +49,17 @@ const FAILURE_COST: u32 = 5;
 const MAX_TRACKED_IPS: usize = 4096;
 /// Longest user id the Matrix spec allows (bytes).
 const MAX_USER_ID: usize = 255;
+/// Upstream logouts in flight at once for one admin call (a user may have many sessions).
+pub const UPSTREAM_LOGOUT_CONCURRENCY: usize = 4;
+/// Each upstream logout gives up after this long (counted `failed`).
+pub const UPSTREAM_LOGOUT_TIMEOUT: Duration = Duration::from_secs(10);
+/// No upstream logout starts this long after the call began (the rest are counted `failed`).
+pub const UPSTREAM_LOGOUT_DEADLINE: Duration = Duration::from_secs(60);
+/// The answer to `logout_upstream=true` without `admin.upstream_key_file`.
+const NO_UPSTREAM_KEY: &str = "logout_upstream=true needs admin.upstream_key_file (a file of 32 \
+     random bytes, e.g. head -c 32 /dev/urandom; see README \"Upstream logout\"): without it the \
+     proxy cannot read upstream tokens, which are sealed under the clients' own tokens. Sessions \
+     made after it is set can be logged out upstream. Nothing was changed.";
 
 type Limiter = RateLimiter<
     IpAddr,
@@ -200,31 +218,172 @@ fn route(method: &Method, path: &str) -> Result<Call, ApiError> {
     call.ok_or(ApiError::MethodNotAllowed)
 }
 
-/// `logout_upstream=true` in the query.
-fn wants_upstream_logout(query: Option<&str>) -> bool {
-    query.is_some_and(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .any(|(k, v)| k == "logout_upstream" && matches!(&*v, "true" | "1"))
-    })
+/// `logout_upstream` in the query: `true`/`1`, `false`/`0`, absent = false; anything else is an
+/// error (a typo must not silently skip the upstream logout).
+fn wants_upstream_logout(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut want = false;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if k == "logout_upstream" {
+            want = match &*v {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => {
+                    return Err(ApiError::InvalidParam(
+                        "logout_upstream must be true or false",
+                    ));
+                }
+            };
+        }
+    }
+    Ok(want)
+}
+
+/// What the upstream logouts of one call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct UpstreamLogouts {
+    /// The homeserver answered 2xx, or 401 (the token was already dead there).
+    done: u64,
+    /// Unreachable, timed out, past the deadline, or another status.
+    failed: u64,
+    /// No escrow copy under a configured key (a session made before the key was set, or
+    /// sealed under a key since dropped).
+    not_possible: u64,
+}
+
+impl UpstreamLogouts {
+    fn json(&self) -> serde_json::Value {
+        json!({"done": self.done, "failed": self.failed, "not_possible": self.not_possible})
+    }
 }
 
 /// What an answered call did, for the audit line.
 struct Outcome {
     user: Option<String>,
     count: Option<usize>,
+    upstream: Option<UpstreamLogouts>,
     res: Response<Body>,
 }
 
-async fn execute(app: &App, call: &Call, upstream_logout: bool) -> Result<Outcome, ApiError> {
-    if upstream_logout && matches!(call, Call::RevokeUser(_) | Call::RevokeSession(_)) {
-        return Err(ApiError::InvalidParam(
-            "logout_upstream is not possible: the upstream token is sealed under a key derived \
-             from the client's own token, which the proxy does not keep",
-        ));
+/// Ends each of `sids` (sessions of `user`) and returns how many ended, with the upstream
+/// tokens of those that did, read before the session record is deleted. A session gone
+/// meanwhile (its client logged out) is not counted and not logged out again.
+async fn revoke_reading_escrow(
+    app: &App,
+    user: &str,
+    sids: &[SessionId],
+    keys: &crate::session::escrow::EscrowKeys,
+) -> Result<(usize, Vec<Option<String>>), crate::session::StoreError> {
+    let escrows = app.redis.session_escrows(sids).await?;
+    let mut ended = 0;
+    let mut tokens = Vec::new();
+    for (sid, escrow) in sids.iter().zip(escrows) {
+        match app.sessions.revoke(*sid).await? {
+            Some(info) => {
+                ended += 1;
+                let token = match escrow {
+                    Some((owner, Some(value))) if owner == info.user_id => {
+                        match keys.open(*sid, &value) {
+                            Ok(t) => Some(t),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "admin API: escrow copy not usable; no upstream logout for this session");
+                                None
+                            }
+                        }
+                    }
+                    _ => None,
+                };
+                tokens.push(token);
+            }
+            // Stale index entry: tidy it as `revoke_user` does.
+            None => app.sessions.store().unindex_session(user, *sid).await?,
+        }
     }
+    Ok((ended, tokens))
+}
+
+/// Logs `tokens` out at the homeserver, a few at a time, each bounded; `None` = not possible.
+async fn logout_upstream(app: &App, tokens: Vec<Option<String>>) -> UpstreamLogouts {
+    use futures_util::StreamExt;
+    #[derive(Clone, Copy)]
+    enum One {
+        Done,
+        Failed,
+        NotPossible,
+    }
+    let started = tokio::time::Instant::now();
+    let results: Vec<One> = futures_util::stream::iter(tokens)
+        .map(|token| async move {
+            let Some(token) = token else {
+                return One::NotPossible;
+            };
+            if started.elapsed() >= UPSTREAM_LOGOUT_DEADLINE {
+                return One::Failed;
+            }
+            let call = app.upstream.logout_as(
+                &token,
+                None,
+                crate::telemetry::metrics::UpstreamCall::AdminLogout,
+            );
+            match tokio::time::timeout(UPSTREAM_LOGOUT_TIMEOUT, call).await {
+                Ok(Ok(Some(s))) if s.is_success() => One::Done,
+                // The homeserver no longer knows the token: it is logged out already.
+                Ok(Ok(Some(http::StatusCode::UNAUTHORIZED))) => One::Done,
+                Ok(Ok(Some(s))) => {
+                    tracing::warn!(status = s.as_u16(), "admin API: upstream logout refused");
+                    One::Failed
+                }
+                Ok(Ok(None)) => One::NotPossible,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "admin API: upstream logout failed");
+                    One::Failed
+                }
+                Err(_) => {
+                    tracing::warn!("admin API: upstream logout timed out");
+                    One::Failed
+                }
+            }
+        })
+        .buffer_unordered(UPSTREAM_LOGOUT_CONCURRENCY)
+        .collect()
+        .await;
+    let mut n = UpstreamLogouts::default();
+    for r in results {
+        match r {
+            One::Done => n.done += 1,
+            One::Failed => n.failed += 1,
+            One::NotPossible => n.not_possible += 1,
+        }
+    }
+    app.metrics
+        .admin_upstream_logouts(n.done, n.failed, n.not_possible);
+    n
+}
+
+async fn execute(app: &App, call: &Call, upstream_logout: bool) -> Result<Outcome, ApiError> {
     let store_down = |e: crate::session::StoreError| {
         tracing::warn!(error = %e, "admin API: session store failed");
         ApiError::StoreUnavailable
+    };
+    let escrow = match call {
+        Call::RevokeUser(_) | Call::RevokeSession(_) if upstream_logout => Some(
+            app.sessions
+                .escrow()
+                .ok_or(ApiError::InvalidParam(NO_UPSTREAM_KEY))?,
+        ),
+        _ => None,
+    };
+    let ended = |user: String, n: usize, upstream: Option<UpstreamLogouts>| {
+        app.metrics.sessions_purged(PurgeCause::Admin, n);
+        let mut body = json!({ "ended": n });
+        if let Some(u) = &upstream {
+            body["upstream_logout"] = u.json();
+        }
+        Outcome {
+            user: Some(user),
+            count: Some(n),
+            upstream,
+            res: json_response(http::StatusCode::OK, &body),
+        }
     };
     match call {
         Call::ListUser(user) => {
@@ -257,32 +416,61 @@ async fn execute(app: &App, call: &Call, upstream_logout: bool) -> Result<Outcom
             Ok(Outcome {
                 user: Some(user.clone()),
                 count: Some(sessions.len()),
+                upstream: None,
                 res: json_response(http::StatusCode::OK, &json!({ "sessions": sessions })),
             })
         }
-        Call::RevokeUser(user) => {
-            let n = app
-                .sessions
-                .revoke_user(user, |_| true)
-                .await
-                .map_err(store_down)?;
-            app.metrics.sessions_purged(PurgeCause::Admin, n);
-            Ok(Outcome {
-                user: Some(user.clone()),
-                count: Some(n),
-                res: json_response(http::StatusCode::OK, &json!({ "ended": n })),
-            })
-        }
-        Call::RevokeSession(sid) => match app.sessions.revoke(*sid).await.map_err(store_down)? {
-            Some(info) => {
-                app.metrics.sessions_purged(PurgeCause::Admin, 1);
-                Ok(Outcome {
-                    user: Some(info.user_id),
-                    count: Some(1),
-                    res: json_response(http::StatusCode::OK, &json!({ "ended": 1 })),
-                })
+        Call::RevokeUser(user) => match escrow {
+            None => {
+                let n = app
+                    .sessions
+                    .revoke_user(user, |_| true)
+                    .await
+                    .map_err(store_down)?;
+                Ok(ended(user.clone(), n, None))
             }
-            None => Err(ApiError::NotFound("No such session")),
+            Some(keys) => {
+                let sids: Vec<SessionId> = app
+                    .sessions
+                    .store()
+                    .user_sessions(user)
+                    .await
+                    .map_err(store_down)?
+                    .into_iter()
+                    .map(|(sid, _)| sid)
+                    .collect();
+                let (n, tokens) = revoke_reading_escrow(app, user, &sids, keys)
+                    .await
+                    .map_err(store_down)?;
+                let up = logout_upstream(app, tokens).await;
+                Ok(ended(user.clone(), n, Some(up)))
+            }
+        },
+        Call::RevokeSession(sid) => match escrow {
+            None => match app.sessions.revoke(*sid).await.map_err(store_down)? {
+                Some(info) => Ok(ended(info.user_id, 1, None)),
+                None => Err(ApiError::NotFound("No such session")),
+            },
+            Some(keys) => {
+                let owner = app
+                    .redis
+                    .session_escrows(&[*sid])
+                    .await
+                    .map_err(store_down)?
+                    .into_iter()
+                    .next()
+                    .flatten()
+                    .map(|(u, _)| u)
+                    .ok_or(ApiError::NotFound("No such session"))?;
+                let (n, tokens) = revoke_reading_escrow(app, &owner, &[*sid], keys)
+                    .await
+                    .map_err(store_down)?;
+                if n == 0 {
+                    return Err(ApiError::NotFound("No such session"));
+                }
+                let up = logout_upstream(app, tokens).await;
+                Ok(ended(owner, n, Some(up)))
+            }
         },
         Call::Stats => {
             // A fresh count (the call is authenticated and rate-limited); the gauge follows.
@@ -292,6 +480,7 @@ async fn execute(app: &App, call: &Call, upstream_logout: bool) -> Result<Outcom
             Ok(Outcome {
                 user: None,
                 count: None,
+                upstream: None,
                 res: json_response(
                     http::StatusCode::OK,
                     &json!({
@@ -305,19 +494,25 @@ async fn execute(app: &App, call: &Call, upstream_logout: bool) -> Result<Outcom
     }
 }
 
+/// The audit line; `upstream_*` are -1 unless `logout_upstream=true` was done.
 fn audit(
     ip: IpAddr,
     action: &str,
     user: Option<&str>,
     count: Option<usize>,
+    upstream: Option<UpstreamLogouts>,
     status: http::StatusCode,
 ) {
+    let up = |f: fn(&UpstreamLogouts) -> u64| upstream.as_ref().map(|u| f(u) as i64).unwrap_or(-1);
     tracing::info!(
         target: "mrp::audit",
         caller = %ip,
         action,
         user = user.unwrap_or("-"),
         count = count.map(|n| n as i64).unwrap_or(-1),
+        upstream_done = up(|u| u.done),
+        upstream_failed = up(|u| u.failed),
+        upstream_not_possible = up(|u| u.not_possible),
         status = status.as_u16(),
         "admin call"
     );
@@ -353,17 +548,18 @@ pub async fn handle(
         }
         let call = route(method, path).map_err(|e| ("bad_request", e))?;
         let action = call.action();
-        match execute(app, &call, wants_upstream_logout(query)).await {
+        let upstream = wants_upstream_logout(query).map_err(|e| (action, e))?;
+        match execute(app, &call, upstream).await {
             Ok(o) => Ok((action, o)),
             Err(e) => Err((action, e)),
         }
     }
     .await;
-    let (action, user, count, res) = match answer {
-        Ok((action, o)) => (action, o.user, o.count, o.res),
-        Err((action, e)) => (action, None, None, e.into_response()),
+    let (action, user, count, upstream, res) = match answer {
+        Ok((action, o)) => (action, o.user, o.count, o.upstream, o.res),
+        Err((action, e)) => (action, None, None, None, e.into_response()),
     };
-    audit(ip, action, user.as_deref(), count, res.status());
+    audit(ip, action, user.as_deref(), count, upstream, res.status());
     app.metrics.admin_call(action, res.status().as_u16());
     no_store(res)
 }
@@ -456,8 +652,23 @@ mod tests {
 
     #[test]
     fn upstream_logout_flag() {
-        assert!(wants_upstream_logout(Some("logout_upstream=true")));
-        assert!(!wants_upstream_logout(Some("logout_upstream=false")));
-        assert!(!wants_upstream_logout(None));
+        assert_eq!(
+            wants_upstream_logout(Some("logout_upstream=true")),
+            Ok(true)
+        );
+        assert_eq!(
+            wants_upstream_logout(Some("a=b&logout_upstream=1")),
+            Ok(true)
+        );
+        assert_eq!(
+            wants_upstream_logout(Some("logout_upstream=false")),
+            Ok(false)
+        );
+        assert_eq!(wants_upstream_logout(Some("other=true")), Ok(false));
+        assert_eq!(wants_upstream_logout(None), Ok(false));
+        assert!(matches!(
+            wants_upstream_logout(Some("logout_upstream=yes")),
+            Err(ApiError::InvalidParam(_))
+        ));
     }
 }

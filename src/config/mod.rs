@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::session::Lifetimes;
+use crate::session::escrow::{EscrowKeys, UpstreamKey};
 
 pub use self::cache::CacheConfig;
 pub use self::rate_limit::{LimitConfig, RateLimitBackend, RateLimitConfig, TrustedProxies};
@@ -55,6 +56,12 @@ pub struct AdminConfig {
     /// File holding the bearer secret of the operator API (`/admin/v1/...`); `None` = the API
     /// is off (404) and only `/metrics` and `/health/*` are served.
     pub token_file: Option<PathBuf>,
+    /// File holding a 32-byte server key: new sessions also keep their upstream token sealed
+    /// under it, so `?logout_upstream=true` can log them out at the homeserver. `None` = no
+    /// such copy is written and upstream logout is refused.
+    pub upstream_key_file: Option<PathBuf>,
+    /// The key `upstream_key_file` held before a rotation: still opens what it sealed.
+    pub previous_upstream_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -194,6 +201,35 @@ impl Config {
         raw.override_from(env);
         raw.validate()
     }
+
+    /// Reads `admin.upstream_key_file` (and the previous key): `None` when not configured.
+    /// Called by `check-config` and at startup (the `sessions` CLI does not need the key).
+    pub fn escrow_keys(&self) -> Result<Option<EscrowKeys>, ConfigError> {
+        fn read(key: &str, path: &Path) -> Result<UpstreamKey, ConfigError> {
+            let bytes = std::fs::read(path)
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+            UpstreamKey::from_file_content(&bytes)
+                .map_err(|e| invalid(key, format!("{}: {e}", path.display())))
+        }
+        let Some(current) = &self.admin.upstream_key_file else {
+            return Ok(None);
+        };
+        let current = read("admin.upstream_key_file", current)?;
+        let previous = match &self.admin.previous_upstream_key_file {
+            Some(p) => Some(read("admin.previous_upstream_key_file", p)?),
+            None => None,
+        };
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.id_hex() == current.id_hex())
+        {
+            return Err(invalid(
+                "admin.previous_upstream_key_file",
+                "holds the same key as admin.upstream_key_file",
+            ));
+        }
+        Ok(Some(EscrowKeys::new(current, previous)))
+    }
 }
 
 /// Reads a password file: its first line, which must not be empty.
@@ -293,6 +329,71 @@ mod tests {
             Some(PathBuf::from("/run/credentials/mrp/admin-token"))
         );
         assert!(parse("upstream: {url: 'http://hs'}\nadmin: {token_file: ''}").is_err());
+    }
+
+    #[test]
+    fn admin_upstream_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, bad) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("bad"),
+        );
+        std::fs::write(&a, (0u8..32).collect::<Vec<_>>()).unwrap();
+        std::fs::write(&b, (1u8..33).collect::<Vec<_>>()).unwrap();
+        std::fs::write(&bad, "short\n").unwrap();
+        let cfg = |extra: &str| {
+            parse(&format!(
+                "upstream: {{url: 'http://hs'}}\nadmin: {{{extra}}}"
+            ))
+        };
+        let c = cfg("").unwrap();
+        assert!(c.escrow_keys().unwrap().is_none());
+        let c = cfg(&format!("upstream_key_file: '{}'", a.display())).unwrap();
+        let k = c.escrow_keys().unwrap().unwrap();
+        assert!(k.previous().is_none());
+        let c = cfg(&format!(
+            "upstream_key_file: '{}', previous_upstream_key_file: '{}'",
+            b.display(),
+            a.display()
+        ))
+        .unwrap();
+        assert!(c.escrow_keys().unwrap().unwrap().previous().is_some());
+        let e = cfg(&format!("upstream_key_file: '{}'", bad.display()))
+            .unwrap()
+            .escrow_keys()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("admin.upstream_key_file: "), "{e}");
+        assert!(e.contains("32 random bytes"), "{e}");
+        let e = cfg("upstream_key_file: /nonexistent/k")
+            .unwrap()
+            .escrow_keys();
+        assert!(e.unwrap_err().to_string().contains("cannot read"));
+        let e = cfg(&format!("previous_upstream_key_file: '{}'", a.display())).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("admin.previous_upstream_key_file"),
+            "{e}"
+        );
+        let e = cfg(&format!(
+            "upstream_key_file: '{}', previous_upstream_key_file: '{}'",
+            a.display(),
+            a.display()
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("same file"), "{e}");
+        let c2 = dir.path().join("a2");
+        std::fs::copy(&a, &c2).unwrap();
+        let e = cfg(&format!(
+            "upstream_key_file: '{}', previous_upstream_key_file: '{}'",
+            a.display(),
+            c2.display()
+        ))
+        .unwrap()
+        .escrow_keys()
+        .unwrap_err();
+        assert!(e.to_string().contains("same key"), "{e}");
     }
 
     #[test]

@@ -61,6 +61,8 @@ struct RawAdmin {
     #[serde(default, deserialize_with = "nullable")]
     listen: Option<Option<String>>,
     token_file: Option<String>,
+    upstream_key_file: Option<String>,
+    previous_upstream_key_file: Option<String>,
 }
 
 /// A server the proxy connects to: `upstream:` and `redis:` both have these keys.
@@ -554,10 +556,30 @@ impl RawTls {
 
 impl RawAdmin {
     fn validate(self, client: SocketAddr) -> Result<AdminConfig, ConfigError> {
-        Ok(AdminConfig {
+        let admin = AdminConfig {
             listen: admin_listen(self.listen, client)?,
             token_file: path("admin.token_file", self.token_file)?,
-        })
+            upstream_key_file: path("admin.upstream_key_file", self.upstream_key_file)?,
+            previous_upstream_key_file: path(
+                "admin.previous_upstream_key_file",
+                self.previous_upstream_key_file,
+            )?,
+        };
+        if admin.previous_upstream_key_file.is_some() {
+            if admin.upstream_key_file.is_none() {
+                return Err(invalid(
+                    "admin.previous_upstream_key_file",
+                    "set without admin.upstream_key_file (the previous key only opens; the current one seals)",
+                ));
+            }
+            if admin.previous_upstream_key_file == admin.upstream_key_file {
+                return Err(invalid(
+                    "admin.previous_upstream_key_file",
+                    "the same file as admin.upstream_key_file",
+                ));
+            }
+        }
+        Ok(admin)
     }
 }
 

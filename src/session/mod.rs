@@ -1,37 +1,78 @@
 //! Session lifecycle rules: issue, authenticate, rotate, revoke (DESIGN.md §2).
 //!
-//! Free of HTTP and Redis types: the rules talk to storage through [`TokenStore`] and read time
-//! and randomness from injected sources, so they can be driven by tests.
+//! Free of HTTP and Redis types: the rules talk to storage through [`TokenStore`] and read
+//! randomness and the clock offset from injected sources, so they can be driven by tests.
+//!
+//! # One clock
+//! Every expiry is computed, and every expired / valid / grace decision made, by the store on its
+//! own clock (Redis `TIME`, inside the scripts), from the lifetimes passed to it. The proxy's wall
+//! clock decides nothing, so replicas whose clocks disagree still agree on every token. The only
+//! time input from this side is [`Clock::offset_ms`], added to the store's clock: 0 in
+//! production, moved by tests instead of sleeping.
 
+pub mod escrow;
 pub mod seal;
 pub mod token;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rand::RngCore;
 
 pub use token::{ProxyToken, SessionId, TokenError, TokenKind};
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, on the store's clock (Redis `TIME`).
 pub type Millis = u64;
 
-/// A source of wall-clock time (injected so tests can drive expiry).
+/// The expiry clock, as seen from the proxy: an offset to the store's clock (Redis `TIME`),
+/// which alone computes and decides every expiry (see the module docs).
 pub trait Clock: Send + Sync {
-    fn now_ms(&self) -> Millis;
+    /// Milliseconds added to Redis `TIME` in every expiry computation and decision; 0 in
+    /// production.
+    fn offset_ms(&self) -> i64;
 }
 
-/// The system clock.
+/// Production: Redis `TIME` as it is.
 #[derive(Debug, Default)]
-pub struct SystemClock;
+pub struct RedisTime;
 
-impl Clock for SystemClock {
-    fn now_ms(&self) -> Millis {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
+impl Clock for RedisTime {
+    fn offset_ms(&self) -> i64 {
+        0
+    }
+}
+
+/// Test-only knob of the binary (never in config.yaml): the path of a file holding a whole
+/// number of ms to add to Redis `TIME` for every expiry decision. Read at each decision, so a
+/// black-box test moves the proxy's expiry clock forward by rewriting it instead of sleeping.
+/// The proxy warns at start when it is set; unset (production), the offset is 0.
+pub const TEST_CLOCK_FILE_ENV: &str = "MRP_TEST_CLOCK_FILE";
+
+/// The offset read from a file (see [`TEST_CLOCK_FILE_ENV`]); 0 while unreadable.
+#[derive(Debug)]
+pub struct FileOffset(pub std::path::PathBuf);
+
+impl Clock for FileOffset {
+    fn offset_ms(&self) -> i64 {
+        std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
+    }
+}
+
+/// The clock of the binary: [`RedisTime`], or [`FileOffset`] when [`TEST_CLOCK_FILE_ENV`] is set.
+pub fn clock_from_env() -> Arc<dyn Clock> {
+    match std::env::var_os(TEST_CLOCK_FILE_ENV) {
+        Some(path) if !path.is_empty() => {
+            tracing::warn!(
+                "{TEST_CLOCK_FILE_ENV} is set: token expiry is decided off Redis TIME by the offset in {} (for tests only)",
+                std::path::Path::new(&path).display()
+            );
+            Arc::new(FileOffset(path.into()))
+        }
+        _ => Arc::new(RedisTime),
     }
 }
 
@@ -52,12 +93,12 @@ pub struct Lifetimes {
 /// Records that outlive their token's expiry, so the proxy can still say *expired*
 /// (soft logout, 403) rather than *unknown* (hard logout), and `/logout` with an expired access
 /// token still reaches the homeserver.
-const RETENTION_AFTER_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+pub const RETENTION_AFTER_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// How long an access token superseded by a refresh is remembered after its own expiry.
 pub const SUPERSEDED_ACCESS_RETENTION: Duration = Duration::from_secs(3600);
 /// Garbage bound for sessions whose refresh tokens have no idle limit: a session unused this
 /// long is dropped from Redis (every key has a TTL).
-const UNLIMITED_IDLE_CAP: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const UNLIMITED_IDLE_CAP: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Who a session belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,26 +107,24 @@ pub struct SessionInfo {
     pub device_id: String,
 }
 
-/// A token record to write: only its lookup id and sealed payload, never the token.
+/// A token record to write: only its lookup id and sealed payload, never the token. Its expiry
+/// is computed by the store, on its clock, from the [`Lifetimes`] written with it.
 #[derive(Clone, Debug)]
 pub struct NewToken {
     pub id: String,
     pub sealed_upstream: Vec<u8>,
-    /// When the token stops being accepted (ms); 0 = never.
-    pub expires_at: Millis,
-    /// How long Redis keeps the record.
-    pub ttl: Duration,
 }
 
 #[derive(Clone, Debug)]
 pub struct NewSession {
     pub sid: SessionId,
     pub info: SessionInfo,
-    /// Absolute end of the session (ms); 0 = none.
-    pub ends_at: Millis,
     pub access: NewToken,
     pub refresh: NewToken,
-    pub ttl: Duration,
+    /// The session ends `lifetimes.session` after its creation (store clock).
+    pub lifetimes: Lifetimes,
+    /// The upstream token sealed under the server's key ([`escrow`]), when one is configured.
+    pub upstream_escrow: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Debug)]
@@ -94,7 +133,41 @@ pub struct Rotation {
     pub refresh: NewToken,
     /// The successor pair sealed under the old refresh token, for grace replays.
     pub sealed_successor: Vec<u8>,
+    /// Lifetimes of the new pair (capped by the session's end, which the store knows).
+    pub lifetimes: Lifetimes,
+}
+
+/// What the store computed for a pair it wrote, on its clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Issued {
+    /// The store's now (Redis `TIME` + offset).
+    pub now: Millis,
+    pub access_expires_at: Millis,
+    /// How long the records are kept.
     pub ttl: Duration,
+}
+
+impl Issued {
+    /// `expires_in_ms` for the client.
+    pub fn expires_in_ms(&self) -> u64 {
+        self.access_expires_at.saturating_sub(self.now)
+    }
+}
+
+/// How long the records of a session created now are kept: [`RETENTION_AFTER_EXPIRY`] past
+/// the last moment its refresh token could be used (`pair_times` in `store/lua/common.lua`, for
+/// a session that starts now). Pure durations: for the user index, written before the session.
+pub fn new_session_ttl(l: &Lifetimes) -> Duration {
+    let capped = |d: Duration| match l.session {
+        Some(s) => d.min(s),
+        None => d,
+    };
+    let access = capped(l.access);
+    let refresh = match l.refresh_idle {
+        Some(d) => Some(capped(d)),
+        None => l.session,
+    };
+    refresh.unwrap_or(UNLIMITED_IDLE_CAP).max(access) + RETENTION_AFTER_EXPIRY
 }
 
 /// What the store knows of an access token.
@@ -109,7 +182,11 @@ pub enum AccessRecord {
     Superseded,
     Found {
         sealed_upstream: Vec<u8>,
+        /// The store's decision on its clock: `now < expires_at`.
+        valid: bool,
         expires_at: Millis,
+        /// The store's now (Redis `TIME` + offset) when it decided.
+        now: Millis,
         info: SessionInfo,
     },
 }
@@ -126,24 +203,24 @@ pub enum RefreshRecord {
     },
     /// Idle expiry or session end passed.
     Expired,
-    /// Unused: may be rotated.
+    /// Unused and not ended (store clock): may be rotated.
     Live {
         sealed_upstream: Vec<u8>,
         info: SessionInfo,
-        /// The session's absolute end (ms); 0 = none.
-        ends_at: Millis,
     },
     /// Already rotated, still in grace: the sealed successor pair.
     Grace {
         sealed_successor: Vec<u8>,
         access_expires_at: Millis,
+        /// The store's now, for `expires_in_ms`.
+        now: Millis,
     },
 }
 
 /// Result of a rotation attempt.
 #[derive(Clone, Debug)]
 pub enum RotateResult {
-    Committed,
+    Committed(Issued),
     /// Something else happened first (a concurrent rotation, a revocation, expiry).
     Lost(RefreshRecord),
 }
@@ -153,25 +230,26 @@ pub enum RotateResult {
 #[error("session store unavailable: {0}")]
 pub struct StoreError(pub String);
 
-/// Where sessions live. Every method is one atomic step in the store.
+/// Where sessions live. Every method is one atomic step in the store, and every expiry is
+/// computed and decided on the store's clock shifted by `offset` ms ([`Clock::offset_ms`]).
 pub trait TokenStore: Send + Sync + 'static {
     fn create(
         &self,
         s: &NewSession,
-        now: Millis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        offset: i64,
+    ) -> impl Future<Output = Result<Issued, StoreError>> + Send;
     /// Looks up an access token; its first use while valid ends its predecessor's grace.
     fn lookup_access(
         &self,
         sid: SessionId,
         id: &str,
-        now: Millis,
+        offset: i64,
     ) -> impl Future<Output = Result<AccessRecord, StoreError>> + Send;
     fn peek_refresh(
         &self,
         sid: SessionId,
         id: &str,
-        now: Millis,
+        offset: i64,
         revoke_on_reuse: bool,
     ) -> impl Future<Output = Result<RefreshRecord, StoreError>> + Send;
     fn rotate(
@@ -179,7 +257,7 @@ pub trait TokenStore: Send + Sync + 'static {
         sid: SessionId,
         old_id: &str,
         r: &Rotation,
-        now: Millis,
+        offset: i64,
     ) -> impl Future<Output = Result<RotateResult, StoreError>> + Send;
     /// Deletes every key of a session; returns its owner if it existed.
     fn purge(
@@ -197,7 +275,7 @@ pub trait TokenStore: Send + Sync + 'static {
         info: &SessionInfo,
         sid: SessionId,
         ttl: Duration,
-        now: Millis,
+        offset: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn unindex_session(
         &self,
@@ -274,10 +352,8 @@ pub struct Sessions<S> {
     lifetimes: std::sync::RwLock<Lifetimes>,
     clock: Arc<dyn Clock>,
     rng: Mutex<Box<dyn RngCore + Send>>,
-}
-
-fn ms(d: Duration) -> u64 {
-    d.as_millis().min(u64::MAX as u128) as u64
+    /// `admin.upstream_key_file`: new sessions also keep an [`escrow`] copy of the upstream token.
+    escrow: Option<Arc<escrow::EscrowKeys>>,
 }
 
 fn aad(what: &str, id: &str) -> Vec<u8> {
@@ -296,7 +372,19 @@ impl<S: TokenStore> Sessions<S> {
             lifetimes: std::sync::RwLock::new(lifetimes),
             clock,
             rng: Mutex::new(rng),
+            escrow: None,
         }
+    }
+
+    /// Seals each new session's upstream token under `keys` too (operator upstream logout).
+    pub fn with_escrow(mut self, keys: Option<Arc<escrow::EscrowKeys>>) -> Self {
+        self.escrow = keys;
+        self
+    }
+
+    /// The keys that open [`NewSession::upstream_escrow`] values, when configured.
+    pub fn escrow(&self) -> Option<&escrow::EscrowKeys> {
+        self.escrow.as_deref()
     }
 
     pub fn store(&self) -> &S {
@@ -317,15 +405,14 @@ impl<S: TokenStore> Sessions<S> {
         f(g.as_mut())
     }
 
-    /// Builds a new pair for `sid` protecting `upstream`, and the records to store.
+    /// Builds a new pair for `sid` protecting `upstream`, and the records to store (their
+    /// expiries are the store's to compute).
     fn new_pair(
         &self,
         sid: SessionId,
         upstream: &str,
-        now: Millis,
-        ends_at: Millis,
-    ) -> (IssuedPair, NewToken, NewToken, Duration) {
-        let (at, rt, sealed_at, sealed_rt) = self.with_rng(|rng| {
+    ) -> (ProxyToken, ProxyToken, NewToken, NewToken) {
+        self.with_rng(|rng| {
             let at = ProxyToken::generate(TokenKind::Access, sid, rng);
             let rt = ProxyToken::generate(TokenKind::Refresh, sid, rng);
             let sa = seal::seal(
@@ -340,76 +427,61 @@ impl<S: TokenStore> Sessions<S> {
                 upstream.as_bytes(),
                 rng,
             );
-            (at, rt, sa, sr)
-        });
-        let cap = |t: Millis| if ends_at > 0 { t.min(ends_at) } else { t };
-        let lifetimes = self.lifetimes();
-        let at_exp = cap(now + ms(lifetimes.access));
-        let rt_exp = match lifetimes.refresh_idle {
-            Some(d) => cap(now + ms(d)),
-            None => ends_at,
-        };
-        // Keep records until the refresh token could no longer be used, plus a retention so that
-        // late callers learn "expired" rather than "unknown".
-        let live_until = if rt_exp > 0 {
-            rt_exp
-        } else {
-            now + ms(UNLIMITED_IDLE_CAP)
-        };
-        let ttl = Duration::from_millis(live_until.max(at_exp).saturating_sub(now))
-            + RETENTION_AFTER_EXPIRY;
-        let pair = IssuedPair {
-            expires_in_ms: at_exp.saturating_sub(now),
-            access: at.clone(),
-            refresh: rt.clone(),
-        };
-        let access = NewToken {
-            id: at.lookup_id(),
-            sealed_upstream: sealed_at,
-            expires_at: at_exp,
-            ttl,
-        };
-        let refresh = NewToken {
-            id: rt.lookup_id(),
-            sealed_upstream: sealed_rt,
-            expires_at: rt_exp,
-            ttl,
-        };
-        (pair, access, refresh, ttl)
+            let access = NewToken {
+                id: at.lookup_id(),
+                sealed_upstream: sa,
+            };
+            let refresh = NewToken {
+                id: rt.lookup_id(),
+                sealed_upstream: sr,
+            };
+            (at, rt, access, refresh)
+        })
     }
 
     /// Issues the first pair of a new session for an upstream token (login/register).
     pub async fn mint(&self, upstream: &str, info: SessionInfo) -> Result<IssuedPair, StoreError> {
-        let now = self.clock.now_ms();
+        let offset = self.clock.offset_ms();
+        let lifetimes = self.lifetimes();
         let sid = self.with_rng(|rng| SessionId::generate(rng));
-        let ends_at = self.lifetimes().session.map(|d| now + ms(d)).unwrap_or(0);
-        let (pair, access, refresh, ttl) = self.new_pair(sid, upstream, now, ends_at);
+        let (at, rt, access, refresh) = self.new_pair(sid, upstream);
+        let upstream_escrow = self.escrow.as_ref().map(|k| k.seal(sid, upstream));
         // Index first: an index entry without a session is harmless, a session missing from the
         // index would survive /logout/all.
-        self.store.index_session(&info, sid, ttl, now).await?;
+        self.store
+            .index_session(&info, sid, new_session_ttl(&lifetimes), offset)
+            .await?;
         let s = NewSession {
             sid,
             info,
-            ends_at,
             access,
             refresh,
-            ttl,
+            lifetimes,
+            upstream_escrow,
         };
-        self.store.create(&s, now).await?;
-        Ok(pair)
+        let issued = self.store.create(&s, offset).await?;
+        Ok(IssuedPair {
+            access: at,
+            refresh: rt,
+            expires_in_ms: issued.expires_in_ms(),
+        })
     }
 
     /// Checks an access token (already parsed as one).
     pub async fn authenticate(&self, at: &ProxyToken) -> Result<Authenticated, StoreError> {
-        let now = self.clock.now_ms();
         let id = at.lookup_id();
-        match self.store.lookup_access(at.session(), &id, now).await? {
+        match self
+            .store
+            .lookup_access(at.session(), &id, self.clock.offset_ms())
+            .await?
+        {
             AccessRecord::Unknown | AccessRecord::Revoked => Ok(Authenticated::Rejected),
             AccessRecord::Superseded => Ok(Authenticated::Superseded),
             AccessRecord::Found {
                 sealed_upstream,
-                expires_at,
+                valid,
                 info,
+                ..
             } => {
                 let Ok(ut) = seal::open(&at.sealing_key(), &aad("ut", &id), &sealed_upstream)
                 else {
@@ -426,7 +498,8 @@ impl<S: TokenStore> Sessions<S> {
                     info,
                     upstream_token,
                 };
-                if now < expires_at {
+                // Decided by the store on its clock.
+                if valid {
                     Ok(Authenticated::Valid(auth))
                 } else {
                     Ok(Authenticated::Expired(auth))
@@ -461,12 +534,12 @@ impl<S: TokenStore> Sessions<S> {
         let Ok(rt) = ProxyToken::parse_kind(rt_text, TokenKind::Refresh) else {
             return Ok(Ok(Refreshed::Unknown));
         };
-        let now = self.clock.now_ms();
+        let offset = self.clock.offset_ms();
         let sid = rt.session();
         let id = rt.lookup_id();
         let mut record = self
             .store
-            .peek_refresh(sid, &id, now, self.lifetimes().revoke_on_reuse)
+            .peek_refresh(sid, &id, offset, self.lifetimes().revoke_on_reuse)
             .await?;
         // Two rounds at most: a lost race turns the state into Grace (or a terminal state).
         for _ in 0..2 {
@@ -482,6 +555,7 @@ impl<S: TokenStore> Sessions<S> {
                 RefreshRecord::Grace {
                     sealed_successor,
                     access_expires_at,
+                    now,
                 } => {
                     let replayed = self.replay(&rt, &id, &sealed_successor, access_expires_at, now);
                     // Only a token whose grace record opened is charged; a replay writes nothing.
@@ -496,7 +570,6 @@ impl<S: TokenStore> Sessions<S> {
                 RefreshRecord::Live {
                     sealed_upstream,
                     info,
-                    ends_at,
                 } => {
                     let Some(ut) = seal::open(&rt.sealing_key(), &aad("ut", &id), &sealed_upstream)
                         .ok()
@@ -513,9 +586,9 @@ impl<S: TokenStore> Sessions<S> {
                     {
                         return Ok(Err(e));
                     }
-                    // New tokens never outlive the session's absolute end (see `new_pair`).
-                    let (pair, access, refresh, ttl) = self.new_pair(sid, &ut, now, ends_at);
-                    let successor = format!("{}\n{}", pair.access.expose(), pair.refresh.expose());
+                    // The store caps the new pair at the session's absolute end.
+                    let (new_at, new_rt, access, refresh) = self.new_pair(sid, &ut);
+                    let successor = format!("{}\n{}", new_at.expose(), new_rt.expose());
                     let sealed_successor = self.with_rng(|rng| {
                         seal::seal(
                             &rt.sealing_key(),
@@ -528,16 +601,24 @@ impl<S: TokenStore> Sessions<S> {
                         access,
                         refresh,
                         sealed_successor,
-                        ttl,
+                        lifetimes: self.lifetimes(),
                     };
-                    match self.store.rotate(sid, &id, &rotation, now).await? {
-                        RotateResult::Committed => {
+                    match self.store.rotate(sid, &id, &rotation, offset).await? {
+                        RotateResult::Committed(issued) => {
                             // Best effort: the index only needs to outlive the session.
-                            if let Err(e) = self.store.index_session(&info, sid, ttl, now).await {
+                            if let Err(e) = self
+                                .store
+                                .index_session(&info, sid, issued.ttl, offset)
+                                .await
+                            {
                                 tracing::warn!(error = %e, "could not extend the user index TTL");
                             }
                             return Ok(Ok(Refreshed::Issued {
-                                pair,
+                                pair: IssuedPair {
+                                    access: new_at,
+                                    refresh: new_rt,
+                                    expires_in_ms: issued.expires_in_ms(),
+                                },
                                 replay: false,
                                 owner: Some(info),
                             }));

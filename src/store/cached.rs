@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::config::CacheConfig;
 use crate::session::{
-    AccessRecord, Millis, NewSession, RefreshRecord, RotateResult, Rotation, SessionId,
+    AccessRecord, Issued, Millis, NewSession, RefreshRecord, RotateResult, Rotation, SessionId,
     SessionInfo, StoreError, TokenStore,
 };
 use crate::telemetry::metrics::{CacheFlush, CacheMetrics};
@@ -58,6 +58,8 @@ pub struct Entry {
     /// most `anchor_ms + (now - anchor)`.
     anchor: Instant,
     anchor_ms: Millis,
+    /// The clock offset the lookup was made with (0 in production; tests move it).
+    offset: i64,
     valid_until: Instant,
     bytes: u64,
     /// The cache's byte count, decremented when the last reference goes.
@@ -85,11 +87,14 @@ impl Entry {
         self.anchor_ms + now.saturating_duration_since(self.anchor).as_millis() as u64
     }
 
-    /// The record as the store returned it.
-    pub fn record(&self) -> AccessRecord {
+    /// The record as the store would return it now: valid, with the store's clock read the
+    /// way that makes the token expire soonest.
+    pub fn record(&self, now: Instant) -> AccessRecord {
         AccessRecord::Found {
             sealed_upstream: self.sealed_upstream.to_vec(),
+            valid: true,
             expires_at: self.expires_at,
+            now: self.store_now(now),
             info: self.info.clone(),
         }
     }
@@ -131,6 +136,8 @@ pub struct Answer<'a> {
     pub info: &'a SessionInfo,
     /// The store's clock when it answered (ms).
     pub store_now: Millis,
+    /// The clock offset the lookup was made with.
+    pub offset: i64,
 }
 
 /// What [`TokenCache::probe`] found.
@@ -225,8 +232,9 @@ impl TokenCache {
         state & 1 == 1 && self.ns(now).saturating_sub(self.heard_ns.load(SeqCst)) < self.liveness_ns
     }
 
-    /// Looks `id` (an access token's lookup id) of session `sid` up.
-    pub fn probe(&self, sid: SessionId, id: &str) -> Probe {
+    /// Looks `id` (an access token's lookup id) of session `sid` up, for a lookup made with
+    /// clock offset `offset` (an entry made with another offset is not used).
+    pub fn probe(&self, sid: SessionId, id: &str, offset: i64) -> Probe {
         let now = Instant::now();
         let state = self.state.load(SeqCst);
         if !self.live(state, now) {
@@ -236,7 +244,7 @@ impl TokenCache {
         let stripe = Self::stripe(&sid);
         let generation = self.stripes[stripe].load(SeqCst);
         if let Some(e) = self.map.get(&sid) {
-            if now < e.valid_until && *e.lookup_id == *id {
+            if now < e.valid_until && *e.lookup_id == *id && e.offset == offset {
                 self.metrics.hits.inc();
                 return Probe::Hit(e);
             }
@@ -261,6 +269,7 @@ impl TokenCache {
             expires_at,
             info,
             store_now,
+            offset,
         } = a;
         if expires_at <= store_now {
             return false;
@@ -288,6 +297,7 @@ impl TokenCache {
             info: info.clone(),
             anchor: t.sent,
             anchor_ms: store_now,
+            offset,
             valid_until,
             bytes,
             counter: self.bytes.clone(),
@@ -412,38 +422,39 @@ impl<S> Cached<S> {
 }
 
 impl<S: TokenStore> TokenStore for Cached<S> {
-    async fn create(&self, s: &NewSession, now: Millis) -> Result<(), StoreError> {
-        self.inner.create(s, now).await
+    async fn create(&self, s: &NewSession, offset: i64) -> Result<Issued, StoreError> {
+        self.inner.create(s, offset).await
     }
 
     async fn lookup_access(
         &self,
         sid: SessionId,
         id: &str,
-        now: Millis,
+        offset: i64,
     ) -> Result<AccessRecord, StoreError> {
         let Some(cache) = &self.cache else {
-            return self.inner.lookup_access(sid, id, now).await;
+            return self.inner.lookup_access(sid, id, offset).await;
         };
-        let ticket = match cache.probe(sid, id) {
-            Probe::Hit(e) => return Ok(e.record()),
-            Probe::Bypass => return self.inner.lookup_access(sid, id, now).await,
+        let ticket = match cache.probe(sid, id, offset) {
+            Probe::Hit(e) => return Ok(e.record(Instant::now())),
+            Probe::Bypass => return self.inner.lookup_access(sid, id, offset).await,
             Probe::Miss(t) => t,
         };
-        let record = self.inner.lookup_access(sid, id, now).await?;
+        let record = self.inner.lookup_access(sid, id, offset).await?;
         if let AccessRecord::Found {
             sealed_upstream,
+            valid: true,
             expires_at,
+            now,
             info,
         } = &record
         {
-            // The store decides expiry on the clock given as `now` (until lookups carry the
-            // store's own clock reading).
             let answer = Answer {
                 sealed_upstream,
                 expires_at: *expires_at,
                 info,
-                store_now: now,
+                store_now: *now,
+                offset,
             };
             cache.admit(ticket, sid, id, answer);
         }
@@ -454,10 +465,13 @@ impl<S: TokenStore> TokenStore for Cached<S> {
         &self,
         sid: SessionId,
         id: &str,
-        now: Millis,
+        offset: i64,
         revoke_on_reuse: bool,
     ) -> Result<RefreshRecord, StoreError> {
-        let r = self.inner.peek_refresh(sid, id, now, revoke_on_reuse).await;
+        let r = self
+            .inner
+            .peek_refresh(sid, id, offset, revoke_on_reuse)
+            .await;
         // A failed call may have revoked all the same: forgetting is always safe.
         if matches!(r, Ok(RefreshRecord::Reused { revoked: true, .. }) | Err(_)) {
             self.forget(sid);
@@ -470,9 +484,9 @@ impl<S: TokenStore> TokenStore for Cached<S> {
         sid: SessionId,
         old_id: &str,
         r: &Rotation,
-        now: Millis,
+        offset: i64,
     ) -> Result<RotateResult, StoreError> {
-        self.inner.rotate(sid, old_id, r, now).await
+        self.inner.rotate(sid, old_id, r, offset).await
     }
 
     async fn purge(&self, sid: SessionId) -> Result<Option<SessionInfo>, StoreError> {
@@ -491,9 +505,9 @@ impl<S: TokenStore> TokenStore for Cached<S> {
         info: &SessionInfo,
         sid: SessionId,
         ttl: Duration,
-        now: Millis,
+        offset: i64,
     ) -> Result<(), StoreError> {
-        self.inner.index_session(info, sid, ttl, now).await
+        self.inner.index_session(info, sid, ttl, offset).await
     }
 
     async fn unindex_session(&self, user_id: &str, sid: SessionId) -> Result<(), StoreError> {
@@ -545,7 +559,7 @@ mod tests {
 
     /// Offers a valid answer for `sid` (60 s left); returns whether it was kept.
     fn offer(c: &TokenCache, sid: SessionId, info: &SessionInfo) -> bool {
-        let Probe::Miss(t) = c.probe(sid, ID) else {
+        let Probe::Miss(t) = c.probe(sid, ID, 0) else {
             panic!("expected a miss");
         };
         c.admit(t, sid, ID, answer(info, 60_000))
@@ -557,6 +571,7 @@ mod tests {
             expires_at: 1_000_000 + left_ms,
             info,
             store_now: 1_000_000,
+            offset: 0,
         }
     }
 
@@ -568,23 +583,30 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn off_line_until_heard_then_hit() {
         let (c, m) = new(CacheConfig::default());
-        assert!(matches!(c.probe(sid(1), ID), Probe::Bypass));
+        assert!(matches!(c.probe(sid(1), ID, 0), Probe::Bypass));
         in_service(&c);
         let i = info();
         assert!(offer(&c, sid(1), &i));
-        let Probe::Hit(e) = c.probe(sid(1), ID) else {
+        let Probe::Hit(e) = c.probe(sid(1), ID, 0) else {
             panic!("expected a hit");
         };
+        // The store's clock as the cache reads it: the answer's, plus the time since it was sent.
+        tokio::time::advance(Duration::from_millis(5)).await;
         assert!(matches!(
-            e.record(),
+            e.record(Instant::now()),
             AccessRecord::Found {
+                valid: true,
                 expires_at: 1_060_000,
+                now: 1_000_005,
                 ..
             }
         ));
+        // A lookup made with another clock offset (tests move Redis time) is not served.
+        in_service(&c);
+        assert!(matches!(c.probe(sid(1), ID, 1_000), Probe::Miss(_)));
         // Another token of the same session is a miss, not a hit.
         assert!(matches!(
-            c.probe(sid(1), &ID.replace('0', "f")),
+            c.probe(sid(1), &ID.replace('0', "f"), 0),
             Probe::Miss(_)
         ));
         let text = m.encode();
@@ -593,7 +615,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("mrp_token_cache_lookups_total{result=\"miss\"} 2"),
+            text.contains("mrp_token_cache_lookups_total{result=\"miss\"} 3"),
             "{text}"
         );
         assert!(
@@ -608,12 +630,12 @@ mod tests {
         in_service(&c);
         let i = info();
         // Expired on the store's clock: not kept.
-        let Probe::Miss(t) = c.probe(sid(1), ID) else {
+        let Probe::Miss(t) = c.probe(sid(1), ID, 0) else {
             panic!()
         };
         assert!(!c.admit(t, sid(1), ID, answer(&i, 0)));
         // 500 ms left: a hit until 500 ms after the lookup was *sent*, however long it took.
-        let Probe::Miss(t) = c.probe(sid(1), ID) else {
+        let Probe::Miss(t) = c.probe(sid(1), ID, 0) else {
             panic!()
         };
         tokio::time::advance(Duration::from_millis(30)).await;
@@ -621,15 +643,15 @@ mod tests {
         assert!(c.admit(t, sid(1), ID, answer(&i, 500)));
         tokio::time::advance(Duration::from_millis(460)).await;
         in_service(&c);
-        assert!(matches!(c.probe(sid(1), ID), Probe::Hit(_)));
+        assert!(matches!(c.probe(sid(1), ID, 0), Probe::Hit(_)));
         tokio::time::advance(Duration::from_millis(10)).await;
         in_service(&c);
-        assert!(matches!(c.probe(sid(1), ID), Probe::Miss(_)));
+        assert!(matches!(c.probe(sid(1), ID, 0), Probe::Miss(_)));
         // A long-lived token is asked again after max_ttl (60 s).
         assert!(offer(&c, sid(2), &i));
         tokio::time::advance(Duration::from_secs(60)).await;
         in_service(&c);
-        assert!(matches!(c.probe(sid(2), ID), Probe::Miss(_)));
+        assert!(matches!(c.probe(sid(2), ID, 0), Probe::Miss(_)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -638,7 +660,7 @@ mod tests {
         in_service(&c);
         let i = info();
         // The reply was on its way when the session was revoked: not kept.
-        let Probe::Miss(t) = c.probe(sid(1), ID) else {
+        let Probe::Miss(t) = c.probe(sid(1), ID, 0) else {
             panic!()
         };
         c.invalidate(sid(1));
@@ -647,9 +669,9 @@ mod tests {
         // Held, then revoked: gone.
         assert!(offer(&c, sid(1), &i));
         c.invalidate(sid(1));
-        assert!(matches!(c.probe(sid(1), ID), Probe::Miss(_)));
+        assert!(matches!(c.probe(sid(1), ID, 0), Probe::Miss(_)));
         // A flush while in flight: not kept either, even once back in service.
-        let Probe::Miss(t) = c.probe(sid(2), ID) else {
+        let Probe::Miss(t) = c.probe(sid(2), ID, 0) else {
             panic!()
         };
         c.flush(CacheFlush::Disconnect);
@@ -669,17 +691,17 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         c.flush(CacheFlush::Disconnect);
         assert!(c.is_empty());
-        assert!(matches!(c.probe(sid(1), ID), Probe::Bypass));
+        assert!(matches!(c.probe(sid(1), ID, 0), Probe::Bypass));
         // A heartbeat sent before the flush proves nothing about what was lost.
         c.heard(before);
-        assert!(matches!(c.probe(sid(1), ID), Probe::Bypass));
+        assert!(matches!(c.probe(sid(1), ID, 0), Probe::Bypass));
         tokio::time::advance(Duration::from_millis(1)).await;
         in_service(&c);
-        assert!(matches!(c.probe(sid(1), ID), Probe::Miss(_)));
+        assert!(matches!(c.probe(sid(1), ID, 0), Probe::Miss(_)));
         // Heartbeats go silent: bypassed at once, flushed on the next check.
         assert!(offer(&c, sid(1), &i));
         tokio::time::advance(Duration::from_millis(80)).await;
-        assert!(matches!(c.probe(sid(1), ID), Probe::Bypass));
+        assert!(matches!(c.probe(sid(1), ID, 0), Probe::Bypass));
         c.check_liveness();
         assert!(c.is_empty());
         let text = m.encode();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::session::{
-    AccessRecord, Millis, NewSession, RefreshRecord, RotateResult, Rotation, SessionId,
+    AccessRecord, Issued, NewSession, RefreshRecord, RotateResult, Rotation, SessionId,
     SessionInfo, StoreError, TokenStore,
 };
 use crate::telemetry::metrics::{Metrics, StoreOp};
@@ -43,19 +43,20 @@ impl<S: TokenStore> Instrumented<S> {
 }
 
 impl<S: TokenStore> TokenStore for Instrumented<S> {
-    async fn create(&self, s: &NewSession, now: Millis) -> Result<(), StoreError> {
-        self.timed(StoreOp::Create, self.inner.create(s, now)).await
+    async fn create(&self, s: &NewSession, offset: i64) -> Result<Issued, StoreError> {
+        self.timed(StoreOp::Create, self.inner.create(s, offset))
+            .await
     }
 
     async fn lookup_access(
         &self,
         sid: SessionId,
         id: &str,
-        now: Millis,
+        offset: i64,
     ) -> Result<AccessRecord, StoreError> {
         self.timed(
             StoreOp::LookupAccess,
-            self.inner.lookup_access(sid, id, now),
+            self.inner.lookup_access(sid, id, offset),
         )
         .await
     }
@@ -64,12 +65,12 @@ impl<S: TokenStore> TokenStore for Instrumented<S> {
         &self,
         sid: SessionId,
         id: &str,
-        now: Millis,
+        offset: i64,
         revoke_on_reuse: bool,
     ) -> Result<RefreshRecord, StoreError> {
         self.timed(
             StoreOp::PeekRefresh,
-            self.inner.peek_refresh(sid, id, now, revoke_on_reuse),
+            self.inner.peek_refresh(sid, id, offset, revoke_on_reuse),
         )
         .await
     }
@@ -79,9 +80,9 @@ impl<S: TokenStore> TokenStore for Instrumented<S> {
         sid: SessionId,
         old_id: &str,
         r: &Rotation,
-        now: Millis,
+        offset: i64,
     ) -> Result<RotateResult, StoreError> {
-        self.timed(StoreOp::Rotate, self.inner.rotate(sid, old_id, r, now))
+        self.timed(StoreOp::Rotate, self.inner.rotate(sid, old_id, r, offset))
             .await
     }
 
@@ -99,11 +100,11 @@ impl<S: TokenStore> TokenStore for Instrumented<S> {
         info: &SessionInfo,
         sid: SessionId,
         ttl: Duration,
-        now: Millis,
+        offset: i64,
     ) -> Result<(), StoreError> {
         self.timed(
             StoreOp::IndexSession,
-            self.inner.index_session(info, sid, ttl, now),
+            self.inner.index_session(info, sid, ttl, offset),
         )
         .await
     }

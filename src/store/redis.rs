@@ -7,7 +7,7 @@
 //!
 //! | key | type | fields / members | TTL |
 //! |---|---|---|---|
-//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms, `lr` last refresh ms (0 none yet), `aexp` current access expiry ms, `rexp` current refresh idle expiry ms (0 none), `sa` id of the newest superseded access token still held in full | longest of its records |
+//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms, `lr` last refresh ms (0 none yet), `aexp` current access expiry ms, `rexp` current refresh idle expiry ms (0 none), `sa` id of the newest superseded access token still held in full, `ue` the upstream token sealed under the server key (only with `admin.upstream_key_file`, [`crate::session::escrow`]) | longest of its records |
 //! | `mrp:{T}:a:<id>` | hash | `ut` sealed upstream token, `exp` expiry ms, `used` 0/1, `prev` predecessor refresh id | as the session; superseded: expiry + 1 h, and deleted once a newer one is superseded |
 //! | `mrp:{T}:r:<id>` | hash | `st` live/rotated, `ut` sealed upstream token (live only), `exp` idle expiry ms (0 none), `at` paired access id, `prev` predecessor refresh id, `next` sealed successor pair and `natexp` its access expiry (rotated only) | idle expiry + 24 h; rotated: deleted when its grace ends |
 //! | `mrp:{T}:k` | zset | names of the session's live token keys (`a:`, `r:`), scored by their expiry; a name leaves when its key is deleted, and is rescored when its TTL is shortened | as the session |
@@ -23,6 +23,18 @@
 //!
 //! Sealed values are ChaCha20-Poly1305 under a key derived from the token that points to them
 //! ([`crate::session::seal`]).
+//!
+//! # One clock
+//! Every time above (`exp`, `end`, `aexp`, `rexp`, `c`, `lr`, marker scores) is on the expiry
+//! clock: Redis `TIME` read inside the script (`clock()` in `lua/common.lua`) plus the offset
+//! passed as ARGV ([`crate::session::Clock`]; 0 in production). The scripts compute every expiry
+//! from the lifetimes passed to them and make every expired / valid / grace decision; the proxy's
+//! wall clock is never consulted. Scores that mirror a key's TTL (the key index `k`, the user
+//! index) use Redis `TIME` without the offset, as Redis expires keys on its own clock.
+//!
+//! `lookup_access.lua` answers `{'valid' | 'expired', sealed, expiry, user, device, now}`: the
+//! access expiry and the expiry clock's now, so a caller (a local cache) can compute validity
+//! from a measured local-vs-Redis offset.
 
 use std::time::Duration;
 
@@ -31,8 +43,9 @@ use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, ToRedisArgs, Value};
 pub use super::connection::{RedisConn, Target, Timeouts};
 use crate::ratelimit::{Limited, SharedLimiter};
 use crate::session::{
-    AccessRecord, Millis, NewSession, RefreshRecord, RotateResult, Rotation,
-    SUPERSEDED_ACCESS_RETENTION, SessionId, SessionInfo, StoreError, TokenStore,
+    AccessRecord, Issued, Lifetimes, NewSession, RETENTION_AFTER_EXPIRY, RefreshRecord,
+    RotateResult, Rotation, SUPERSEDED_ACCESS_RETENTION, SessionId, SessionInfo, StoreError,
+    TokenStore, UNLIMITED_IDLE_CAP,
 };
 
 const COMMON: &str = include_str!("lua/common.lua");
@@ -189,6 +202,11 @@ fn ms(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
 }
 
+/// An optional lifetime as script ARGV: ms, 0 = none.
+fn ms_or_0(d: Option<Duration>) -> u64 {
+    d.map(ms).unwrap_or(0)
+}
+
 struct Keys {
     prefix: String,
 }
@@ -261,9 +279,23 @@ fn info(user: Value, device: Value) -> Result<SessionInfo, StoreError> {
 fn grace(mut rest: std::vec::IntoIter<Value>) -> Result<RefreshRecord, StoreError> {
     let sealed = bytes(rest.next().ok_or_else(short)?)?;
     let exp = number(rest.next().ok_or_else(short)?)?;
+    let now = number(rest.next().ok_or_else(short)?)?;
     Ok(RefreshRecord::Grace {
         sealed_successor: sealed,
         access_expires_at: exp,
+        now,
+    })
+}
+
+/// `{now, access expiry, ttl}` of `create.lua` and `rotate.lua`.
+fn issued(mut rest: std::vec::IntoIter<Value>) -> Result<Issued, StoreError> {
+    let now = number(rest.next().ok_or_else(short)?)?;
+    let access_expires_at = number(rest.next().ok_or_else(short)?)?;
+    let ttl = number(rest.next().ok_or_else(short)?)?;
+    Ok(Issued {
+        now,
+        access_expires_at,
+        ttl: Duration::from_millis(ttl),
     })
 }
 
@@ -369,9 +401,10 @@ impl RedisStore {
 }
 
 impl TokenStore for RedisStore {
-    async fn create(&self, s: &NewSession, now: Millis) -> Result<(), StoreError> {
+    async fn create(&self, s: &NewSession, offset: i64) -> Result<Issued, StoreError> {
         let k = Keys::new(s.sid);
-        let _: Value = self
+        let l: &Lifetimes = &s.lifetimes;
+        let v: Value = self
             .run(
                 &self.scripts.create,
                 Call::default()
@@ -381,27 +414,30 @@ impl TokenStore for RedisStore {
                     .key(k.index())
                     .arg(&s.info.user_id)
                     .arg(&s.info.device_id)
-                    .arg(s.ends_at)
-                    .arg(now)
+                    .arg(offset)
                     .arg(&s.access.sealed_upstream[..])
-                    .arg(s.access.expires_at)
-                    .arg(ms(s.access.ttl))
                     .arg(&s.refresh.sealed_upstream[..])
-                    .arg(s.refresh.expires_at)
-                    .arg(ms(s.refresh.ttl))
-                    .arg(ms(s.ttl))
-                    .arg(&s.access.id),
+                    .arg(&s.access.id)
+                    .arg(ms(l.access))
+                    .arg(ms_or_0(l.refresh_idle))
+                    .arg(ms_or_0(l.session))
+                    .arg(ms(RETENTION_AFTER_EXPIRY))
+                    .arg(ms(UNLIMITED_IDLE_CAP))
+                    .arg(s.upstream_escrow.as_deref().unwrap_or_default()),
                 true,
             )
             .await?;
-        Ok(())
+        let Value::Array(items) = v else {
+            return Err(StoreError("unexpected script reply".into()));
+        };
+        issued(items.into_iter())
     }
 
     async fn lookup_access(
         &self,
         sid: SessionId,
         id: &str,
-        now: Millis,
+        offset: i64,
     ) -> Result<AccessRecord, StoreError> {
         let k = Keys::new(sid);
         let v: Value = self
@@ -411,7 +447,7 @@ impl TokenStore for RedisStore {
                     .key(k.access(id))
                     .key(k.session())
                     .key(k.used())
-                    .arg(now)
+                    .arg(offset)
                     .arg(&k.prefix)
                     .arg(ms(SUPERSEDED_ACCESS_RETENTION))
                     .arg(id),
@@ -422,16 +458,20 @@ impl TokenStore for RedisStore {
         let mut rest = rest.into_iter();
         Ok(match status.as_str() {
             "superseded" => AccessRecord::Superseded,
-            "found" => {
+            // {status, sealed, expiry, user, device, now}: the decision is the script's.
+            "valid" | "expired" => {
                 let sealed = bytes(rest.next().ok_or_else(short)?)?;
                 let exp = number(rest.next().ok_or_else(short)?)?;
                 let info = info(
                     rest.next().ok_or_else(short)?,
                     rest.next().ok_or_else(short)?,
                 )?;
+                let now = number(rest.next().ok_or_else(short)?)?;
                 AccessRecord::Found {
                     sealed_upstream: sealed,
+                    valid: status == "valid",
                     expires_at: exp,
+                    now,
                     info,
                 }
             }
@@ -444,7 +484,7 @@ impl TokenStore for RedisStore {
         &self,
         sid: SessionId,
         id: &str,
-        now: Millis,
+        offset: i64,
         revoke_on_reuse: bool,
     ) -> Result<RefreshRecord, StoreError> {
         let k = Keys::new(sid);
@@ -456,7 +496,7 @@ impl TokenStore for RedisStore {
                     .key(k.session())
                     .key(k.index())
                     .key(k.used())
-                    .arg(now)
+                    .arg(offset)
                     .arg(id)
                     .arg(if revoke_on_reuse { "1" } else { "0" }),
                 false,
@@ -471,11 +511,9 @@ impl TokenStore for RedisStore {
                     rest.next().ok_or_else(short)?,
                     rest.next().ok_or_else(short)?,
                 )?;
-                let ends_at = number(rest.next().ok_or_else(short)?)?;
                 RefreshRecord::Live {
                     sealed_upstream: sealed,
                     info,
-                    ends_at,
                 }
             }
             "grace" => {
@@ -501,7 +539,7 @@ impl TokenStore for RedisStore {
         sid: SessionId,
         old_id: &str,
         r: &Rotation,
-        now: Millis,
+        offset: i64,
     ) -> Result<RotateResult, StoreError> {
         let k = Keys::new(sid);
         let v: Value = self
@@ -514,26 +552,25 @@ impl TokenStore for RedisStore {
                     .key(k.used())
                     .key(k.access(&r.access.id))
                     .key(k.refresh(&r.refresh.id))
-                    .arg(now)
+                    .arg(offset)
                     .arg(old_id)
                     .arg(&r.access.id)
                     .arg(&r.refresh.id)
                     .arg(&r.access.sealed_upstream[..])
-                    .arg(r.access.expires_at)
-                    .arg(ms(r.access.ttl))
                     .arg(&r.refresh.sealed_upstream[..])
-                    .arg(r.refresh.expires_at)
-                    .arg(ms(r.refresh.ttl))
                     .arg(&r.sealed_successor[..])
-                    .arg(ms(r.ttl))
                     .arg(&k.prefix)
-                    .arg(ms(SUPERSEDED_ACCESS_RETENTION)),
+                    .arg(ms(SUPERSEDED_ACCESS_RETENTION))
+                    .arg(ms(r.lifetimes.access))
+                    .arg(ms_or_0(r.lifetimes.refresh_idle))
+                    .arg(ms(RETENTION_AFTER_EXPIRY))
+                    .arg(ms(UNLIMITED_IDLE_CAP)),
                 true,
             )
             .await?;
         let (status, rest) = reply(v)?;
         Ok(match status.as_str() {
-            "ok" => RotateResult::Committed,
+            "ok" => RotateResult::Committed(issued(rest.into_iter())?),
             "grace" => {
                 let g = grace(rest.into_iter())?;
                 self.confirm(&k).await?;
@@ -587,7 +624,7 @@ impl TokenStore for RedisStore {
         info: &SessionInfo,
         sid: SessionId,
         ttl: Duration,
-        now: Millis,
+        offset: i64,
     ) -> Result<(), StoreError> {
         let _: Value = self
             .run(
@@ -597,7 +634,7 @@ impl TokenStore for RedisStore {
                     .arg(sid.tag())
                     .arg(&info.device_id)
                     .arg(ms(ttl))
-                    .arg(now),
+                    .arg(offset),
                 self.cluster(),
             )
             .await?;

@@ -1,5 +1,6 @@
 //! Read-only views of sessions for the operator API (`/admin/v1/...`): plain Redis reads of the
-//! session hashes, never a token record, never a sealed value.
+//! session hashes, never a token record; the one sealed value read is the server-key escrow
+//! copy, for `?logout_upstream=true` ([`RedisStore::session_escrows`]).
 
 use redis::Value;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -88,6 +89,30 @@ impl RedisStore {
                     refresh_expires_at,
                 })
             })
+            .collect())
+    }
+
+    /// The owner and the `ue` field (upstream token sealed under the server key, if any) of each
+    /// of `sids`, in order; `None` for a session record that no longer exists. One pipelined
+    /// round trip. For the operator's upstream logout only: the value is opened by
+    /// [`crate::session::escrow::EscrowKeys::open`], never shown.
+    pub async fn session_escrows(
+        &self,
+        sids: &[SessionId],
+    ) -> Result<Vec<Option<(String, Option<Vec<u8>>)>>, StoreError> {
+        if sids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for sid in sids {
+            pipe.cmd("HMGET").arg(session_key(*sid)).arg(&["u", "ue"]);
+        }
+        let mut c = self.connection();
+        let rows: Vec<(Option<String>, Option<Vec<u8>>)> =
+            pipe.query_async(&mut c).await.map_err(err)?;
+        Ok(rows
+            .into_iter()
+            .map(|(user, ue)| user.map(|u| (u, ue)))
             .collect())
     }
 

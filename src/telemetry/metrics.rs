@@ -150,6 +150,8 @@ pub enum UpstreamCall {
     Readiness,
     /// `POST /logout` of a device whose login could not be stored (it would be orphaned).
     OrphanLogout,
+    /// `POST /logout` of a session an operator ended with `?logout_upstream=true`.
+    AdminLogout,
 }
 
 impl UpstreamCall {
@@ -163,6 +165,7 @@ impl UpstreamCall {
             UpstreamCall::Whoami => "whoami",
             UpstreamCall::Readiness => "readiness",
             UpstreamCall::OrphanLogout => "orphan_logout",
+            UpstreamCall::AdminLogout => "admin_logout",
         }
     }
 }
@@ -233,6 +236,7 @@ pub struct Metrics {
     sessions_alive: Gauge,
     redis_master_switches: Counter,
     admin_calls: Family<AdminCallLabels, Counter>,
+    admin_upstream_logouts: Family<OutcomeLabel, Counter>,
     /// Logins and refreshes of the last minute, for `GET /admin/v1/stats`.
     recent_logins: RecentCounter,
     recent_refreshes: RecentCounter,
@@ -273,6 +277,7 @@ impl Metrics {
             sessions_alive: Gauge::default(),
             redis_master_switches: Counter::default(),
             admin_calls: Family::default(),
+            admin_upstream_logouts: Family::default(),
             recent_logins: RecentCounter::default(),
             recent_refreshes: RecentCounter::default(),
             connections_rejected: Family::default(),
@@ -287,6 +292,10 @@ impl Metrics {
             m.refresh.get_or_create_owned(&OutcomeLabel {
                 outcome: o.as_str(),
             });
+        }
+        for outcome in UPSTREAM_LOGOUT_OUTCOMES {
+            m.admin_upstream_logouts
+                .get_or_create_owned(&OutcomeLabel { outcome });
         }
         for c in PurgeCause::ALL {
             m.purged
@@ -385,6 +394,12 @@ impl Metrics {
             "admin_calls",
             "Admin API calls (/admin/v1/...), by action and status code",
             self.admin_calls.clone(),
+        );
+        r.register(
+            "admin_upstream_logouts",
+            "Upstream logouts of sessions ended by the admin API with logout_upstream=true, by \
+             outcome (done, failed, not_possible: no escrow copy under a configured key)",
+            self.admin_upstream_logouts.clone(),
         );
         r.register(
             "connections_rejected",
@@ -539,6 +554,18 @@ impl Metrics {
             .inc();
     }
 
+    /// Upstream logouts of an admin call: `done`, `failed`, `not_possible`.
+    pub fn admin_upstream_logouts(&self, done: u64, failed: u64, not_possible: u64) {
+        for (outcome, n) in UPSTREAM_LOGOUT_OUTCOMES
+            .into_iter()
+            .zip([done, failed, not_possible])
+        {
+            self.admin_upstream_logouts
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(n);
+        }
+    }
+
     /// Logins (sessions minted) and refreshes (new pairs issued) in the last minute, on this
     /// replica.
     pub fn last_minute(&self) -> (u64, u64) {
@@ -553,6 +580,9 @@ fn coarse_now_secs() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// Outcomes of `mrp_admin_upstream_logouts_total`.
+const UPSTREAM_LOGOUT_OUTCOMES: [&str; 3] = ["done", "failed", "not_possible"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AdminCallLabels {

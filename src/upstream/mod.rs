@@ -211,14 +211,27 @@ impl Upstream {
         token: &str,
         request_id: Option<&HeaderValue>,
     ) -> Result<bool, UpstreamError> {
+        let status = self
+            .logout_as(token, request_id, UpstreamCall::OrphanLogout)
+            .await?;
+        Ok(status.is_some_and(|s| s.is_success()))
+    }
+
+    /// `POST /_matrix/client/v3/logout` with `token`, counted under `call`. The homeserver's
+    /// status, or `None` when the token cannot be put in a header (nothing sent).
+    pub async fn logout_as(
+        &self,
+        token: &str,
+        request_id: Option<&HeaderValue>,
+        call: UpstreamCall,
+    ) -> Result<Option<http::StatusCode>, UpstreamError> {
         let logout = (Method::POST, "/_matrix/client/v3/logout", &b"{}"[..]);
-        let call = UpstreamCall::OrphanLogout;
         let Some(res) = self.own_call(logout, Some(token), request_id, call).await? else {
-            return Ok(false);
+            return Ok(None);
         };
-        let ok = res.status().is_success();
+        let status = res.status();
         let _ = read_limited(res.into_body(), OWN_CALL_BODY).await;
-        Ok(ok)
+        Ok(Some(status))
     }
 
     /// `GET /_matrix/client/versions` (no credential): the readiness check. Returns the status;

@@ -4,6 +4,7 @@
 pub mod fake_hs;
 pub mod ha;
 pub mod redis;
+pub mod skew;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};
@@ -53,6 +54,9 @@ pub struct ProxyOptions {
     pub upstream_extra: String,
     /// More `redis:` keys, as YAML lines indented by two spaces.
     pub redis_extra: String,
+    /// Give the proxy a test clock file (`MRP_TEST_CLOCK_FILE`), so that the test can move its
+    /// expiry clock with [`ProxyProcess::advance_clock`] instead of sleeping.
+    pub test_clock: bool,
 }
 
 impl Default for ProxyOptions {
@@ -69,6 +73,7 @@ impl Default for ProxyOptions {
             env: Vec::new(),
             upstream_extra: String::new(),
             redis_extra: String::new(),
+            test_clock: false,
         }
     }
 }
@@ -97,7 +102,14 @@ impl ProxyProcess {
         );
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, cfg).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_matrix-refresh-proxy"))
+        let clock = dir.path().join("clock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrix-refresh-proxy"));
+        cmd.env_remove("MRP_TEST_CLOCK_FILE");
+        if o.test_clock {
+            std::fs::write(&clock, "0").unwrap();
+            cmd.env("MRP_TEST_CLOCK_FILE", &clock);
+        }
+        let mut child = cmd
             .arg("--config")
             .arg(&path)
             .env_remove("RUST_LOG")
@@ -147,6 +159,21 @@ impl ProxyProcess {
             logs,
             _dir: dir,
         }
+    }
+
+    /// Moves the proxy's expiry clock (an offset to Redis `TIME`) forward by `d`: the proxy
+    /// decides every expiry as if `d` more had passed. Needs `ProxyOptions::test_clock`.
+    pub fn advance_clock(&self, d: Duration) {
+        let path = self._dir.path().join("clock");
+        let cur: i64 = std::fs::read_to_string(&path)
+            .expect("started with test_clock")
+            .trim()
+            .parse()
+            .unwrap();
+        // Replaced whole, so the proxy never reads a partial number.
+        let tmp = self._dir.path().join("clock.tmp");
+        std::fs::write(&tmp, (cur + d.as_millis() as i64).to_string()).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
     }
 
     /// The configuration file the process was started with (rewrite it, then `signal("HUP")`).
@@ -279,6 +306,25 @@ impl Harness {
         .await
     }
 
+    /// A harness whose access tokens live `access`, with a test clock
+    /// ([`ProxyProcess::advance_clock`]).
+    pub async fn with_access_and_clock(access: &'static str) -> Self {
+        Self::with(
+            ProxyOptions {
+                access,
+                test_clock: true,
+                ..Default::default()
+            },
+            false,
+        )
+        .await
+    }
+
+    /// Moves the proxy's expiry clock forward (see [`ProxyProcess::advance_clock`]).
+    pub fn advance_clock(&self, d: Duration) {
+        self.proxy.advance_clock(d);
+    }
+
     pub async fn with(o: ProxyOptions, persistent_redis: bool) -> Self {
         let redis = if persistent_redis {
             RedisServer::start_persistent()
@@ -302,24 +348,17 @@ impl Harness {
         headers: &[(&str, &str)],
         b: TestBody,
     ) -> Reply {
-        let mut req =
-            Request::builder()
-                .method(method)
-                .uri(format!("{}{}", self.proxy.url(), path));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let res = self
-            .client
-            .request(req.body(b).unwrap())
-            .await
-            .expect("proxy answered");
-        let (parts, b) = res.into_parts();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: b.collect().await.map(|c| c.to_bytes()).unwrap_or_default(),
-        }
+        send_to(&self.client, &self.proxy.url(), method, path, headers, b).await
+    }
+
+    /// Another proxy (a replica) on this harness' Redis and homeserver.
+    pub fn replica(&self, o: &ProxyOptions) -> ProxyProcess {
+        ProxyProcess::start(&self.hs.url(), &self.redis.url(), o)
+    }
+
+    /// Requests through another proxy (a [`Harness::replica`]).
+    pub fn via<'a>(&'a self, proxy: &'a ProxyProcess) -> Via<'a> {
+        Via { h: self, proxy }
     }
 
     pub async fn post(&self, path: &str, token: Option<&str>, v: Value) -> Reply {
@@ -346,16 +385,9 @@ impl Harness {
     }
 
     pub async fn login_with(&self, user: &str, extra: Value) -> Value {
-        let mut req = json!({
-            "type": "m.login.password",
-            "identifier": {"type": "m.id.user", "user": user},
-            "password": "secret",
-            "refresh_token": true,
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            req[k] = v.clone();
-        }
-        let r = self.post("/_matrix/client/v3/login", None, req).await;
+        let r = self
+            .post("/_matrix/client/v3/login", None, login_body(user, extra))
+            .await;
         assert_eq!(r.status, 200, "login failed: {:?}", r.json());
         r.json()
     }
@@ -398,6 +430,105 @@ impl Harness {
         let r = self.admin_get("/metrics").await;
         assert_eq!(r.status, 200);
         String::from_utf8(r.body.to_vec()).unwrap()
+    }
+}
+
+/// A password login asking for a refresh token, with `extra` fields.
+fn login_body(user: &str, extra: Value) -> Value {
+    let mut req = json!({
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": user},
+        "password": "secret",
+        "refresh_token": true,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        req[k] = v.clone();
+    }
+    req
+}
+
+async fn send_to(
+    client: &Client<HttpConnector, TestBody>,
+    base: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    b: TestBody,
+) -> Reply {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("{base}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = client
+        .request(req.body(b).unwrap())
+        .await
+        .expect("proxy answered");
+    let (parts, b) = res.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: b.collect().await.map(|c| c.to_bytes()).unwrap_or_default(),
+    }
+}
+
+/// Requests through one replica of a harness (see [`Harness::via`]).
+pub struct Via<'a> {
+    h: &'a Harness,
+    pub proxy: &'a ProxyProcess,
+}
+
+impl Via<'_> {
+    pub async fn post(&self, path: &str, token: Option<&str>, v: Value) -> Reply {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut h = vec![("content-type", "application/json")];
+        if let Some(a) = &auth {
+            h.push(("authorization", a.as_str()));
+        }
+        send_to(
+            &self.h.client,
+            &self.proxy.url(),
+            Method::POST,
+            path,
+            &h,
+            body(v.to_string()),
+        )
+        .await
+    }
+
+    pub async fn login(&self, user: &str) -> Value {
+        let r = self
+            .post(
+                "/_matrix/client/v3/login",
+                None,
+                login_body(user, json!({})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "login failed: {:?}", r.json());
+        r.json()
+    }
+
+    pub async fn refresh(&self, rt: &str) -> Reply {
+        self.post(
+            "/_matrix/client/v3/refresh",
+            None,
+            json!({"refresh_token": rt}),
+        )
+        .await
+    }
+
+    pub async fn whoami(&self, at: &str) -> Reply {
+        let auth = format!("Bearer {at}");
+        send_to(
+            &self.h.client,
+            &self.proxy.url(),
+            Method::GET,
+            "/_matrix/client/v3/account/whoami",
+            &[("authorization", auth.as_str())],
+            body(Bytes::new()),
+        )
+        .await
     }
 }
 

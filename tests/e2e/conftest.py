@@ -334,7 +334,7 @@ class Proxy:
     def __init__(self, synapse: Synapse, redis: Redis, workdir: Path, name: str = "proxy",
                  access_token_lifetime: str = f"{AT_LIFETIME:g}s",
                  refresh_token_lifetime: str | None = RT_LIFETIME,
-                 session_lifetime: str | None = None):
+                 session_lifetime: str | None = None, upstream_key: bool = False):
         self.workdir = workdir
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -345,6 +345,12 @@ class Proxy:
         self.admin_token = secrets.token_urlsafe(32)
         self.admin_token_file = workdir / "admin-token"
         self.admin_token_file.write_text(self.admin_token + "\n")
+        # admin.upstream_key_file (operator upstream logout): 32 random bytes, when asked for.
+        key_line = ""
+        if upstream_key:
+            key_file = workdir / "upstream-key"
+            key_file.write_bytes(secrets.token_bytes(32))
+            key_line = f'  upstream_key_file: "{key_file}"\n'
         self.log = LogFile(name, workdir / "proxy.log")
         LOGS.append(self.log)
         self.proc: subprocess.Popen | None = None
@@ -367,7 +373,7 @@ tokens:
 admin:
   listen: "127.0.0.1:{self.admin_port}"
   token_file: "{self.admin_token_file}"
-# the suite logs in and refreshes from one address far more often than a real client does:
+{key_line}# the suite logs in and refreshes from one address far more often than a real client does:
 # raised like Synapse's limits above, but left on so every request still passes the limiters
 rate_limit:
   login: {{per_second: 1000, burst: 10000}}

@@ -1,5 +1,56 @@
 -- Shared helpers, prepended to every script (Redis Lua has no imports).
--- All keys a script touches share the session's hash tag, so they live in one cluster slot.
+-- All keys a script touches share one hash tag (the session's, or the user's for the user
+-- index), so they live in one cluster slot.
+
+-- The one clock of every expiry: Redis `TIME` in ms, plus an offset (ARGV; 0 in production,
+-- tests move time forward with it). Every expiry is computed from it and every expired / valid
+-- / grace decision is made against it inside the scripts, so replicas whose own clocks disagree
+-- still agree. Call it before any write: scripts are replicated by their effects (always so
+-- since Redis 7; `replicate_commands` switches it on in Redis 3.2-4).
+-- Bookkeeping of key lifetimes (index scores that mirror a key's TTL) uses `real_now`, Redis
+-- `TIME` without the offset, since Redis expires keys on its own clock.
+local real_now = 0
+local function clock(offset)
+  if redis.replicate_commands then
+    redis.replicate_commands()
+  end
+  local t = redis.call('TIME')
+  real_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return real_now + tonumber(offset)
+end
+
+-- A whole number as text, printed in full (ms since the epoch exceed tostring()'s 14 digits,
+-- and a number handed to redis.call could be printed with an exponent).
+local function int(x)
+  return string.format('%.0f', x)
+end
+
+-- The expiries of a new access/refresh pair issued at `now` in a session ending at `ends`
+-- (0 = no end), from the lifetimes in ms (`refresh_ms` 0 = no idle limit): access expiry, refresh
+-- idle expiry (0 = none) and the TTL of its records. Spec "Refreshing access tokens": access
+-- tokens expire; a pair never outlives the session's absolute end. Records are kept until the
+-- refresh token could no longer be used (or `cap_ms` idle when it never expires), plus
+-- `retention_ms`, so that late callers learn "expired" (soft logout, 403) rather than "unknown".
+local function pair_times(now, ends, access_ms, refresh_ms, cap_ms, retention_ms)
+  ends = tonumber(ends)
+  local function capped(t)
+    if ends > 0 then
+      return math.min(t, ends)
+    end
+    return t
+  end
+  local aexp = capped(now + tonumber(access_ms))
+  local rexp = ends
+  if tonumber(refresh_ms) > 0 then
+    rexp = capped(now + tonumber(refresh_ms))
+  end
+  local live_until = rexp
+  if live_until <= 0 then
+    live_until = now + tonumber(cap_ms)
+  end
+  local ttl = math.max(math.max(live_until, aexp) - now, 0) + tonumber(retention_ms)
+  return aexp, rexp, ttl
+end
 
 -- Where revocations are published for the replicas' token caches (src/store/invalidation.rs:
 -- CHANNEL). The payload is the session's tag; `{inv}` keeps the name in one cluster slot.
@@ -22,7 +73,8 @@ local function extend(key, ttl)
 end
 
 -- Whether a refresh token can no longer be used: its idle expiry or its session's absolute end
--- (both ms, 0 = none) has passed (403 M_FORBIDDEN, as Synapse).
+-- (both ms, 0 = none) has passed at `now` (Redis clock). The spec leaves the answer open; the
+-- proxy answers 403 M_FORBIDDEN, as Synapse (DESIGN.md "/refresh").
 local function refresh_ended(refresh_exp, session_end, now)
   refresh_exp = tonumber(refresh_exp)
   session_end = tonumber(session_end)
@@ -41,7 +93,8 @@ local function short_id(id)
 end
 
 -- Ends the grace of a rotated refresh token (spec "Refreshing access tokens": the old refresh
--- token is revoked once the new access or refresh token is used). Its id goes into the capped
+-- token is revoked once the new access or refresh token is used; MSC2918 "Token refresh API":
+-- the old access token may be revoked right away but need not be). Its id goes into the capped
 -- set of used refresh tokens for reuse detection, and the access token issued with it is
 -- superseded: a marker in the capped set `x` (id -> its expiry) answers soft logout for it until
 -- its expiry plus `retention`, and only the newest of them keeps its full record (so it still works until its own expiry, and
@@ -58,7 +111,7 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
   retention = tonumber(retention)
   redis.call('DEL', rkey)
   redis.call('ZREM', index_key, rkey)
-  redis.call('ZADD', used_key, now, short_id(rtid))
+  redis.call('ZADD', used_key, int(now), short_id(rtid))
   redis.call('ZREMRANGEBYRANK', used_key, 0, -(USED + 1))
   local sttl = redis.call('PTTL', session_key)
   if r[2] then
@@ -68,12 +121,12 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
       local ttl = math.max(aexp - now, 0) + retention
       local cur = redis.call('PTTL', akey)
       if cur < 0 or ttl < cur then
-        redis.call('PEXPIRE', akey, ttl)
-        redis.call('ZADD', index_key, now + ttl, akey)
+        redis.call('PEXPIRE', akey, int(ttl))
+        redis.call('ZADD', index_key, int(real_now + ttl), akey)
       end
       redis.call('ZADD', marker_key, aexp, short_id(r[2]))
       -- Markers past their retention answer nothing any more (as a gone record).
-      redis.call('ZREMRANGEBYSCORE', marker_key, '-inf', now - retention)
+      redis.call('ZREMRANGEBYSCORE', marker_key, '-inf', int(now - retention))
       -- Only the newest superseded token keeps its full record (field `sa` of the session).
       local older = redis.call('HGET', session_key, 'sa')
       if older and older ~= r[2] then

@@ -1,17 +1,28 @@
--- Creates a session with its first access/refresh pair.
+-- Creates a session with its first access/refresh pair; every expiry from the Redis clock.
 -- KEYS: 1 session, 2 access record, 3 refresh record, 4 key index
--- ARGV: 1 user_id, 2 device_id, 3 session end ms (0 = none), 4 now ms,
---       5 access sealed upstream token, 6 access expiry ms, 7 access ttl ms,
---       8 refresh sealed upstream token, 9 refresh expiry ms (0 = none), 10 refresh ttl ms,
---       11 session ttl ms, 12 access id
-local now = tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'u', ARGV[1], 'd', ARGV[2], 'end', ARGV[3], 'c', ARGV[4], 'lr', '0',
-  'aexp', ARGV[6], 'rexp', ARGV[9])
-redis.call('PEXPIRE', KEYS[1], ARGV[11])
-redis.call('HSET', KEYS[2], 'ut', ARGV[5], 'exp', ARGV[6], 'used', '0', 'prev', '')
-redis.call('PEXPIRE', KEYS[2], ARGV[7])
-redis.call('HSET', KEYS[3], 'st', 'live', 'ut', ARGV[8], 'exp', ARGV[9], 'at', ARGV[12], 'prev', '')
-redis.call('PEXPIRE', KEYS[3], ARGV[10])
-redis.call('ZADD', KEYS[4], now + tonumber(ARGV[7]), KEYS[2], now + tonumber(ARGV[10]), KEYS[3])
-redis.call('PEXPIRE', KEYS[4], ARGV[11])
-return 'ok'
+-- ARGV: 1 user_id, 2 device_id, 3 clock offset ms, 4 access sealed upstream token,
+--       5 refresh sealed upstream token, 6 access id, 7 access lifetime ms,
+--       8 refresh idle lifetime ms (0 = none), 9 session lifetime ms (0 = none),
+--       10 retention after expiry ms, 11 idle cap ms (refresh tokens without idle limit),
+--       12 upstream token sealed under the server key (field `ue`; '' = none, no field)
+-- Returns {now, access expiry, record ttl} (ms, as text).
+local now = clock(ARGV[3])
+local ends = 0
+if tonumber(ARGV[9]) > 0 then
+  ends = now + tonumber(ARGV[9])
+end
+local aexp, rexp, ttl = pair_times(now, ends, ARGV[7], ARGV[8], ARGV[11], ARGV[10])
+redis.call('HSET', KEYS[1], 'u', ARGV[1], 'd', ARGV[2], 'end', int(ends), 'c', int(now),
+  'lr', '0', 'aexp', int(aexp), 'rexp', int(rexp))
+if ARGV[12] ~= '' then
+  redis.call('HSET', KEYS[1], 'ue', ARGV[12])
+end
+redis.call('PEXPIRE', KEYS[1], int(ttl))
+redis.call('HSET', KEYS[2], 'ut', ARGV[4], 'exp', int(aexp), 'used', '0', 'prev', '')
+redis.call('PEXPIRE', KEYS[2], int(ttl))
+redis.call('HSET', KEYS[3], 'st', 'live', 'ut', ARGV[5], 'exp', int(rexp), 'at', ARGV[6],
+  'prev', '')
+redis.call('PEXPIRE', KEYS[3], int(ttl))
+redis.call('ZADD', KEYS[4], int(real_now + ttl), KEYS[2], int(real_now + ttl), KEYS[3])
+redis.call('PEXPIRE', KEYS[4], int(ttl))
+return {int(now), int(aexp), int(ttl)}

@@ -1,13 +1,21 @@
--- Looks up an access token. Its first use while valid ends its predecessor refresh token's grace.
+-- Looks up an access token and decides, on the Redis clock, whether it is valid. Its first use
+-- while valid ends its predecessor refresh token's grace (spec "Refreshing access tokens").
 -- KEYS: 1 access record, 2 session, 3 used-refresh set
--- ARGV: 1 now ms, 2 session key prefix, 3 superseded access retention ms, 4 access id
--- Returns {'unknown'} | {'revoked'} | {'superseded'} | {'found', sealed, expiry, user, device}
+-- ARGV: 1 clock offset ms, 2 session key prefix, 3 superseded access retention ms, 4 access id
+-- Returns {'unknown'} | {'revoked'} | {'superseded', now}
+--       | {'valid' or 'expired', sealed, expiry, user, device, now}
+-- (`now` and `expiry`: ms on the Redis clock, offset included, as text; a caller caching the
+-- answer computes validity from them with its own measured offset to Redis.)
+local now = clock(ARGV[1])
+local retention = tonumber(ARGV[3])
 local a = redis.call('HMGET', KEYS[1], 'ut', 'exp', 'used', 'prev')
 if not a[1] then
-  -- A superseded token whose full record is gone: only its marker is left (soft logout).
-  if redis.call('ZSCORE', ARGV[2] .. 'x', short_id(ARGV[4])) then
+  -- A superseded token whose full record is gone: only its marker (scored by the token's
+  -- expiry) is left, and answers soft logout until expiry + retention (spec "Soft logout").
+  local exp = redis.call('ZSCORE', ARGV[2] .. 'x', short_id(ARGV[4]))
+  if exp and now < tonumber(exp) + retention then
     if redis.call('EXISTS', KEYS[2]) == 1 then
-      return {'superseded'}
+      return {'superseded', int(now)}
     end
     return {'revoked'}
   end
@@ -18,11 +26,17 @@ if not s[1] then
   redis.call('DEL', KEYS[1])
   return {'revoked'}
 end
-local now = tonumber(ARGV[1])
-if now < tonumber(a[2]) and a[3] == '0' then
-  redis.call('HSET', KEYS[1], 'used', '1')
-  if a[4] and a[4] ~= '' then
-    consume_refresh(ARGV[2], a[4], now, KEYS[3], KEYS[2], ARGV[3])
+local exp = tonumber(a[2])
+-- Spec "Refreshing access tokens": an expired access token gets M_UNKNOWN_TOKEN with
+-- soft_logout: true (the caller answers it; the record stays for /logout).
+local status = 'expired'
+if now < exp then
+  status = 'valid'
+  if a[3] == '0' then
+    redis.call('HSET', KEYS[1], 'used', '1')
+    if a[4] and a[4] ~= '' then
+      consume_refresh(ARGV[2], a[4], now, KEYS[3], KEYS[2], retention)
+    end
   end
 end
-return {'found', a[1], a[2], s[1], s[2]}
+return {status, a[1], int(exp), s[1], s[2], int(now)}

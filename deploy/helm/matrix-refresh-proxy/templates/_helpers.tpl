@@ -111,7 +111,65 @@ tests/deploy.rs applies the same rule before parsing values.yaml with the proxy'
 {{- end }}
 {{- end }}
 {{- end }}
+{{- include "mrp.checkAdminApi" . }}
+{{- with .Values.adminApi }}
+{{- if .existingSecret }}
+{{- $admin := $c.admin }}
+{{- $_ := set $admin "token_file" (printf "%s/admin-token" (include "mrp.adminSecretDir" $)) }}
+{{- if .upstreamKeySecretKey }}
+{{- $_ := set $admin "upstream_key_file" (printf "%s/upstream-key" (include "mrp.adminSecretDir" $)) }}
+{{- end }}
+{{- if .previousUpstreamKeySecretKey }}
+{{- $_ := set $admin "previous_upstream_key_file" (printf "%s/upstream-key.previous" (include "mrp.adminSecretDir" $)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- toYaml $c }}
+{{- end }}
+
+{{/* Where the adminApi Secret is mounted (read-only). */}}
+{{- define "mrp.adminSecretDir" -}}
+/run/secrets/matrix-refresh-proxy
+{{- end }}
+
+{{/* adminApi needs the admin listener; the upstream keys need the API's Secret. */}}
+{{- define "mrp.checkAdminApi" -}}
+{{- with .Values.adminApi }}
+{{- if and (not .existingSecret) (or .upstreamKeySecretKey .previousUpstreamKeySecretKey) }}
+{{- fail "adminApi.upstreamKeySecretKey / previousUpstreamKeySecretKey name keys of adminApi.existingSecret: set it too" }}
+{{- end }}
+{{- if and .previousUpstreamKeySecretKey (not .upstreamKeySecretKey) }}
+{{- fail "adminApi.previousUpstreamKeySecretKey without adminApi.upstreamKeySecretKey: the previous key only opens, the current one seals" }}
+{{- end }}
+{{- if and .existingSecret (not (include "mrp.adminEnabled" $)) }}
+{{- fail "adminApi.existingSecret: the operator API is served on the admin listener, which config.admin.listen \"none\" turns off" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The volume holding the adminApi Secret's files, when set. */}}
+{{- define "mrp.adminSecretVolume" -}}
+{{- with .Values.adminApi }}
+{{- if .existingSecret }}
+- name: mrp-admin
+  secret:
+    secretName: {{ .existingSecret }}
+    # The proxy runs as a non-root uid without fsGroup, so the files must be world-readable;
+    # only this container mounts the volume.
+    defaultMode: 0444
+    items:
+      - key: {{ .tokenSecretKey }}
+        path: admin-token
+      {{- if .upstreamKeySecretKey }}
+      - key: {{ .upstreamKeySecretKey }}
+        path: upstream-key
+      {{- end }}
+      {{- if .previousUpstreamKeySecretKey }}
+      - key: {{ .previousUpstreamKeySecretKey }}
+        path: upstream-key.previous
+      {{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -184,6 +242,11 @@ The proxy's container. In sidecar mode an initContainers entry with restartPolic
     - name: mrp-config
       mountPath: /etc/matrix-refresh-proxy
       readOnly: true
+    {{- if .Values.adminApi.existingSecret }}
+    - name: mrp-admin
+      mountPath: {{ include "mrp.adminSecretDir" . }}
+      readOnly: true
+    {{- end }}
     {{- if .Values.redis.passwordSecret }}
     - name: mrp-redis-password
       mountPath: /run/secrets/mrp-redis
@@ -191,11 +254,14 @@ The proxy's container. In sidecar mode an initContainers entry with restartPolic
     {{- end }}
 {{- end }}
 
-{{/* The volume holding the rendered config.yaml. */}}
+{{/* The proxy's volumes: the rendered config.yaml, and the adminApi Secret when set. */}}
 {{- define "mrp.configVolume" -}}
 - name: mrp-config
   configMap:
     name: {{ include "mrp.fullname" . }}
+{{- with include "mrp.adminSecretVolume" . }}
+{{ trim . }}
+{{- end }}
 {{- if .Values.redis.passwordSecret }}
 - name: mrp-redis-password
   secret:
