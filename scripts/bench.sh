@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The proxy side by side with nginx, run by hand (never in CI), loopback only, ~3 minutes:
 #   scripts/bench.sh [seconds per run, default 5] [rounds, default 3] [connections, default 64]
+# Environment: BENCH_BIN (a built binary to measure), BENCH_BEFORE (an older build measured in
+# the same rounds), BENCH_PROFILE / BENCH_STRACE (directories: perf and strace of each proxy case).
 #
 # Installs wrk and nginx with apt when missing, builds the release proxy, then starts its own
 #   - redis-server on a unix socket (never the machine's 6379),
@@ -41,7 +43,9 @@ if ((${#need[@]})); then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
 nginx_bin="$(command -v nginx || echo /usr/sbin/nginx)"
-cargo build --release --quiet --bin matrix-refresh-proxy
+# BENCH_BIN=BINARY: measure that build instead of building the release binary here.
+proxy_bin="${BENCH_BIN:-target/release/matrix-refresh-proxy}"
+[[ -n "${BENCH_BIN:-}" ]] || cargo build --release --quiet --bin matrix-refresh-proxy
 
 if (($(nproc) >= 2)); then
     load="taskset -c 0"
@@ -65,6 +69,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port)
 ngx_port=$(free_port)
+bare_port=$(free_port)
 proxy_port=$(free_port)
 admin_port=$(free_port)
 def_port=$(free_port)
@@ -72,23 +77,35 @@ def_port=$(free_port)
 $serve redis-server --port 0 --unixsocket "$tmp/redis.sock" --save "" --appendonly no \
     --daemonize no >/dev/null &
 pids+=($!)
+redis_pid=$!
 
-mkdir -p "$tmp/nginx"
-cat >"$tmp/nginx.conf" <<NGINX
+# nginx_conf NAME <<servers: a one-worker nginx of its own (its own process, on the servers' CPU).
+nginx_conf() {
+    mkdir -p "$tmp/$1"
+    local servers
+    servers="$(cat)"
+    cat >"$tmp/$1.conf" <<NGINX
 worker_processes 1;
 daemon off;
-pid $tmp/nginx.pid;
-error_log $tmp/nginx/error.log warn;
+pid $tmp/$1/nginx.pid;
+error_log $tmp/$1/error.log warn;
 events { worker_connections 4096; }
 http {
-    access_log off;
-    client_body_temp_path $tmp/nginx/body;
-    proxy_temp_path $tmp/nginx/proxy;
-    fastcgi_temp_path $tmp/nginx/fastcgi;
-    uwsgi_temp_path $tmp/nginx/uwsgi;
-    scgi_temp_path $tmp/nginx/scgi;
+    client_body_temp_path $tmp/$1/body;
+    proxy_temp_path $tmp/$1/proxy;
+    fastcgi_temp_path $tmp/$1/fastcgi;
+    uwsgi_temp_path $tmp/$1/uwsgi;
+    scgi_temp_path $tmp/$1/scgi;
     keepalive_requests 100000000;
-    # The fixed-answer upstream (stands in for the homeserver).
+$servers
+}
+NGINX
+}
+# The fixed-answer upstream (stands in for the homeserver). A process of its own: were it the
+# baseline's own worker, nginx would proxy to itself inside one event loop (no second process,
+# fewer context switches) while the proxy always talks to another process.
+nginx_conf upstream <<NGINX
+    access_log off;
     server {
         listen 127.0.0.1:$up_port;
         default_type application/json;
@@ -99,10 +116,28 @@ http {
             return 200 '{"user_id":"@u\$request_id:bench","device_id":"D\$request_id","access_token":"syt_\$request_id"}';
         }
     }
-    # The baseline: nginx as a plain keep-alive reverse proxy.
+NGINX
+# The baseline: nginx as a plain keep-alive reverse proxy as the Synapse documentation configures
+# it (X-Forwarded-For, X-Forwarded-Proto, Host), with nginx's default access log (one line per
+# request, written to /dev/null like the proxy's log). On a second port the same without the log
+# and the forwarding headers ("bare"), for reference.
+nginx_conf baseline <<NGINX
     upstream hs { server 127.0.0.1:$up_port; keepalive 128; }
     server {
         listen 127.0.0.1:$ngx_port;
+        access_log /dev/null combined;
+        location / {
+            proxy_pass http://hs;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header Host \$host;
+        }
+    }
+    server {
+        listen 127.0.0.1:$bare_port;
+        access_log off;
         location / {
             proxy_pass http://hs;
             proxy_http_version 1.1;
@@ -110,10 +145,13 @@ http {
             proxy_set_header Host \$host;
         }
     }
-}
 NGINX
-$serve "$nginx_bin" -c "$tmp/nginx.conf" -p "$tmp/nginx" 2>>"$tmp/nginx/stderr.log" &
-pids+=($!)
+declare -A nginx_master
+for n in upstream baseline; do
+    $serve "$nginx_bin" -c "$tmp/$n.conf" -p "$tmp/$n" 2>>"$tmp/$n/stderr.log" &
+    pids+=($!)
+    nginx_master[$n]=$!
+done
 
 proxy_config() { # $1 listen port, $2 admin port or null, $3 rate_limit block
     cat <<YAML
@@ -131,13 +169,26 @@ proxy_config "$proxy_port" "\"127.0.0.1:$admin_port\"" \
     'rate_limit: { enabled: true, login: { per_second: 1000000, burst: 1000000 }, refresh: { per_second: 1000000, burst: 1000000 } }' \
     >"$tmp/proxy.yaml"
 proxy_config "$def_port" null "" >"$tmp/defaults.yaml"
-$serve target/release/matrix-refresh-proxy --config "$tmp/proxy.yaml" 2>/dev/null &
+$serve "$proxy_bin" --config "$tmp/proxy.yaml" 2>/dev/null &
 proxy_pid=$!
 pids+=($proxy_pid)
-$serve target/release/matrix-refresh-proxy --config "$tmp/defaults.yaml" 2>/dev/null &
+$serve "$proxy_bin" --config "$tmp/defaults.yaml" 2>/dev/null &
 pids+=($!)
+# BENCH_BEFORE=BINARY: an older build of the proxy, same config on its own port, measured in the
+# same rounds as the current one (before/after side by side under the same machine load).
+wait_ports=("$ngx_port" "$bare_port" "$proxy_port" "$def_port")
+if [[ -n "${BENCH_BEFORE:-}" ]]; then
+    before_port=$(free_port)
+    proxy_config "$before_port" null \
+        'rate_limit: { enabled: true, login: { per_second: 1000000, burst: 1000000 }, refresh: { per_second: 1000000, burst: 1000000 } }' \
+        >"$tmp/before.yaml"
+    $serve "$BENCH_BEFORE" --config "$tmp/before.yaml" 2>/dev/null &
+    pids+=($!)
+    before_pid=$!
+    wait_ports+=("$before_port")
+fi
 
-for port in "$ngx_port" "$proxy_port" "$def_port"; do
+for port in "${wait_ports[@]}"; do
     for _ in $(seq 100); do
         curl -fs "http://127.0.0.1:$port/_matrix/client/versions" >/dev/null 2>&1 && break
         sleep 0.1
@@ -187,40 +238,126 @@ LUA
 
 results="$tmp/results"
 : >"$results"
-# run CASE ARGS...: one wrk run; appends "case rps p50_ms p99_ms non2xx" to $results.
+# CPU time of a process, all threads (ns on CPU, /proc/PID/task/*/schedstat).
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{n+=$1} END {printf "%d", n}'; }
+up_worker=$(pgrep -P "${nginx_master[upstream]}" | head -1)
+base_worker=$(pgrep -P "${nginx_master[baseline]}" | head -1)
+# run CASE ARGS...: one wrk run; appends "case rps p50_ms p99_ms non2xx server_us redis_us
+# upstream_us" to $results. The last three are CPU time per request of the server measured (the
+# proxy, or the baseline nginx for nginx cases), of redis and of the upstream nginx: on a shared
+# machine they drift far less than throughput does.
 run() {
     local name="$1"
     shift
-    $load wrk -t1 "$@" --latency 2>&1 | python3 -c '
+    local server="$proxy_pid"
+    case "$name" in
+        nginx* | lat_nginx*) server="$base_worker" ;;
+        before_* | lat_before_*) server="$before_pid" ;;
+    esac
+    local s0 r0 u0
+    s0=$(cpu_ns "$server") r0=$(cpu_ns "$redis_pid") u0=$(cpu_ns "$up_worker")
+    $load wrk -t1 "$@" --latency >"$tmp/wrk.out" 2>&1
+    local cpu="$(($(cpu_ns "$server") - s0)) $(($(cpu_ns "$redis_pid") - r0)) $(($(cpu_ns "$up_worker") - u0))"
+    python3 -c '
 import re, sys
-name = sys.argv[1]
-text = sys.stdin.read()
+name, cpu = sys.argv[1], [int(x) for x in sys.argv[2].split()]
+text = open(sys.argv[3]).read()
 def ms(v):
     n, u = re.match(r"([\d.]+)(\w+)", v).groups()
     return float(n) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[u]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+n = max(1, int(re.search(r"(\d+) requests in", text).group(1)))
 p50 = ms(re.search(r"\s50%\s+(\S+)", text).group(1))
 p99 = ms(re.search(r"\s99%\s+(\S+)", text).group(1))
 m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
 bad = int(m.group(1)) if m else 0
 m = re.search(r"Socket errors: (.*)", text)
 if m: bad += sum(int(x) for x in re.findall(r"\d+", m.group(1)))
-print(name, rps, p50, p99, bad)
-' "$name" >>"$results"
+print(name, rps, p50, p99, bad, *(f"{c / n / 1000:.2f}" for c in cpu))
+' "$name" "$cpu" "$tmp/wrk.out" >>"$results"
 }
 
 ngx="http://127.0.0.1:$ngx_port/_matrix/client/v3"
+bare="http://127.0.0.1:$bare_port/_matrix/client/v3"
 prx="http://127.0.0.1:$proxy_port/_matrix/client/v3"
-echo "throughput: $rounds rounds x 6 cases x ${secs}s, $conns connections (wrk on CPU 0, servers on CPU 1)" >&2
+# case_args CASE: the wrk arguments of one throughput case (connections and duration excluded);
+# `before_<case>` is <case> against the BENCH_BEFORE build.
+case_args() {
+    local prx="$prx"
+    if [[ "$1" == before_* ]]; then
+        prx="http://127.0.0.1:$before_port/_matrix/client/v3"
+        set -- "${1#before_}"
+    fi
+    case "$1" in
+        nginx) echo "$ngx/account/whoami" ;;
+        nginx_bare) echo "$bare/account/whoami" ;;
+        proxy_access_token) echo "-H|Authorization: Bearer $at|$prx/account/whoami" ;;
+        hs_token_passthrough) echo "-H|Authorization: Bearer syt_bench_homeserver_token|$prx/account/whoami" ;;
+        anonymous_passthrough) echo "$prx/account/whoami" ;;
+        refresh_fresh_tokens) echo "-s|$tmp/refresh.lua|$prx/refresh" ;;
+        login_wrapping) echo "-s|$tmp/login.lua|$prx/login" ;;
+    esac
+}
+proxy_cases=(proxy_access_token hs_token_passthrough anonymous_passthrough refresh_fresh_tokens login_wrapping)
+cases=(nginx nginx_bare "${proxy_cases[@]}")
+if [[ -n "${BENCH_BEFORE:-}" ]]; then
+    for c in "${proxy_cases[@]}"; do cases+=("before_$c"); done
+fi
+run_case() { # CASE [NAME]: one throughput run of CASE, recorded as NAME
+    local args
+    IFS='|' read -r -a args <<<"$(case_args "$1")"
+    run "${2:-$1}" -c"$conns" -d"${secs}s" "${args[@]}"
+}
+echo "throughput: $rounds rounds x ${#cases[@]} cases x ${secs}s, $conns connections (wrk on CPU 0, servers on CPU 1)" >&2
+echo "  load before: $(uptime)" >&2
 for r in $(seq "$rounds"); do
-    run nginx -c"$conns" -d"${secs}s" "$ngx/account/whoami"
-    run proxy_access_token -c"$conns" -d"${secs}s" -H "Authorization: Bearer $at" "$prx/account/whoami"
-    run hs_token_passthrough -c"$conns" -d"${secs}s" -H "Authorization: Bearer syt_bench_homeserver_token" "$prx/account/whoami"
-    run anonymous_passthrough -c"$conns" -d"${secs}s" "$prx/account/whoami"
-    run refresh_fresh_tokens -c"$conns" -d"${secs}s" -s "$tmp/refresh.lua" "$prx/refresh"
-    run login_wrapping -c"$conns" -d"${secs}s" -s "$tmp/login.lua" "$prx/login"
+    for c in "${cases[@]}"; do run_case "$c"; done
     echo "  round $r/$rounds done" >&2
 done
+
+# Optional, after the measured rounds (both slow the proxy down, so they are never measured):
+# BENCH_PROFILE=DIR: `perf record -g` of the proxy under each proxy case, top symbols in DIR;
+# BENCH_STRACE=DIR: syscalls per request of the proxy under each proxy case (`strace -c -f`).
+if [[ -n "${BENCH_PROFILE:-}" ]]; then
+    mkdir -p "$BENCH_PROFILE"
+    for c in "${proxy_cases[@]}"; do
+        perf record -F 1999 -g -p "$proxy_pid" -o "$BENCH_PROFILE/$c.data" -- sleep "$secs" 2>/dev/null &
+        rec=$!
+        run_case "$c" "profile_$c"
+        wait "$rec" || true
+        for sort in dso dso,symbol; do
+            perf report -i "$BENCH_PROFILE/$c.data" --no-children --stdio -g none --percent-limit 0.7 \
+                --sort "$sort" 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' |
+                awk '{$1=$1; print}' | head -40 || true
+        done >"$BENCH_PROFILE/$c.txt"
+        echo "  profile $c: $BENCH_PROFILE/$c.txt" >&2
+    done
+fi
+if [[ -n "${BENCH_STRACE:-}" ]]; then
+    mkdir -p "$BENCH_STRACE"
+    for c in "${proxy_cases[@]}"; do
+        strace -c -f -p "$proxy_pid" -o "$BENCH_STRACE/$c.strace" &
+        st=$!
+        sleep 0.5
+        before=$(curl -fs "http://127.0.0.1:$admin_port/metrics" | awk '/^mrp_http_requests_total/ {n+=$2} END {print n+0}')
+        run_case "$c" "strace_$c"
+        after=$(curl -fs "http://127.0.0.1:$admin_port/metrics" | awk '/^mrp_http_requests_total/ {n+=$2} END {print n+0}')
+        kill -INT "$st"
+        wait "$st" 2>/dev/null || true
+        python3 - "$BENCH_STRACE/$c.strace" "$((after - before))" "$c" <<'PY2' | tee "$BENCH_STRACE/$c.txt" >&2
+import sys
+path, n, case = sys.argv[1], max(1, int(sys.argv[2])), sys.argv[3]
+rows = []
+for line in open(path):
+    f = line.split()
+    if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+        rows.append((int(f[3]), f[-1]))
+rows.sort(reverse=True)
+print(f"{case}: {n} requests, {sum(r[0] for r in rows) / n:.2f} syscalls per request: "
+      + ", ".join(f"{name} {calls / n:.2f}" for calls, name in rows[:8]))
+PY2
+    done
+fi
 
 # Latency at 50 % of nginx's median maximum rate, same offered rate for every target.
 nginx_max=$(awk '$1=="nginx" {print $2}' "$results" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
@@ -230,6 +367,10 @@ echo "latency: offered $(python3 -c "print(round($lat_conns*1000/$delay_ms))") r
 for r in 1 2; do
     DELAY_MS=$delay_ms BENCH_AUTH="" run lat_nginx -c"$lat_conns" -d10s -s "$tmp/rate.lua" "$ngx/account/whoami"
     DELAY_MS=$delay_ms BENCH_AUTH="Bearer $at" run lat_proxy_access_token -c"$lat_conns" -d10s -s "$tmp/rate.lua" "$prx/account/whoami"
+    if [[ -n "${BENCH_BEFORE:-}" ]]; then
+        DELAY_MS=$delay_ms BENCH_AUTH="Bearer $at" run lat_before_proxy_access_token -c"$lat_conns" -d10s -s "$tmp/rate.lua" \
+            "http://127.0.0.1:$before_port/_matrix/client/v3/account/whoami"
+    fi
 done
 
 # Default rate limits (login 0.5/s burst 10 per IP, refresh 10/s burst 100 per IP and session).
@@ -237,23 +378,32 @@ dfl="http://127.0.0.1:$def_port/_matrix/client/v3"
 run defaults_refresh -c"$conns" -d"${secs}s" -s "$tmp/refresh.lua" "$dfl/refresh"
 run defaults_login -c"$conns" -d"${secs}s" -s "$tmp/login.lua" "$dfl/login"
 rss_after=$(rss "$proxy_pid")
+# BENCH_RESULTS=FILE: keep the raw rows (case rps p50 p99 non2xx server_us redis_us upstream_us).
+[[ -z "${BENCH_RESULTS:-}" ]] || cp "$results" "$BENCH_RESULTS"
+echo "  load after: $(uptime)" >&2
 
 python3 - "$results" "$rss_idle" "$rss_after" "$(nginx -v 2>&1 | sed 's/.*\///')" <<'PY'
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
-    name, rps, p50, p99, bad = line.split()
-    rows.setdefault(name, []).append((float(rps), float(p50), float(p99), int(bad)))
+    name, rps, p50, p99, bad, cs, cr, cu = line.split()
+    rows.setdefault(name, []).append((float(rps), float(p50), float(p99), int(bad), float(cs), float(cr), float(cu)))
 med = lambda name, i: statistics.median(r[i] for r in rows[name])
 base = med("nginx", 0)
-print(f"{'case (GET /account/whoami unless named)':42} {'req/s':>9} {'x nginx':>8} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}")
-for name in ["nginx", "proxy_access_token", "hs_token_passthrough", "anonymous_passthrough",
-             "refresh_fresh_tokens", "login_wrapping"]:
+bare = med("nginx_bare", 0)
+# CPU time per request of everything on the servers' CPU (server, redis, upstream): with that
+# CPU to themselves, throughput would be its inverse; "x nginx CPU" is that projected ratio.
+cpu = lambda name: med(name, 4) + med(name, 5) + med(name, 6)
+print(f"{'case (GET /account/whoami unless named)':42} {'req/s':>9} {'x nginx':>8} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} {'server us/req':>14} {'redis':>6} {'upstream':>8} {'x nginx CPU':>12}")
+names = ["nginx", "nginx_bare", "proxy_access_token", "hs_token_passthrough",
+         "anonymous_passthrough", "refresh_fresh_tokens", "login_wrapping"]
+names += ["before_" + n for n in names[2:] if "before_" + n in rows]
+for name in names:
     bad = sum(r[3] for r in rows[name])
-    print(f"{name:42} {med(name,0):9.0f} {med(name,0)/base:8.2f} {med(name,1):7.2f} {med(name,2):7.2f} {bad:8}")
+    print(f"{name:42} {med(name,0):9.0f} {med(name,0)/base:8.2f} {med(name,0)/bare:7.2f} {med(name,1):7.2f} {med(name,2):7.2f} {bad:8} {med(name,4):14.1f} {med(name,5):6.1f} {med(name,6):8.1f} {cpu('nginx')/cpu(name):12.2f}")
 print()
 print("fixed rate (50 % of nginx max), median of 2:")
-for name in ["lat_nginx", "lat_proxy_access_token"]:
+for name in [n for n in ["lat_nginx", "lat_proxy_access_token", "lat_before_proxy_access_token"] if n in rows]:
     print(f"  {name[4:]:40} achieved {med(name,0):7.0f} req/s  p50 {med(name,1):.3f} ms  p99 {med(name,2):.3f} ms")
 print()
 print("default rate limits (one run each):")

@@ -82,7 +82,7 @@ pub fn app(config: &Config) -> Result<App, RunError> {
         Cached::new(Instrumented::new(store.clone(), metrics.clone()), cache),
         config.tokens,
         session::clock_from_env(),
-        Box::new(rand::rngs::OsRng),
+        Box::new(session::os_random::OsRandom::new()),
     )
     .with_escrow(escrow);
     Ok(App {

@@ -107,12 +107,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     matrix_refresh_proxy::telemetry::init(&config.log);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = runtime().context("starting the async runtime")?;
     let path = cli.config.clone();
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         // The first SIGTERM/SIGINT starts a graceful drain; a second one exits at once.
         let (begin_shutdown, shutdown) = tokio::sync::oneshot::channel::<()>();
         let mut signals = Signals::new().context("installing signal handlers")?;
@@ -122,6 +119,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let _ = begin_shutdown.send(());
             signals.next().await;
             tracing::warn!("second signal: exiting without waiting for in-flight requests");
+            matrix_refresh_proxy::telemetry::flush();
             std::process::exit(1);
         });
         matrix_refresh_proxy::run(config, Some(path), async {
@@ -130,7 +128,31 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         .await?;
         tracing::info!("stopped");
         Ok(())
-    })
+    });
+    // Pending log lines go out before main's own error line.
+    matrix_refresh_proxy::telemetry::flush();
+    result
+}
+
+/// The async runtime. With one CPU to run on (`TOKIO_WORKER_THREADS=1`, or a CPU affinity or
+/// cgroup quota of one CPU) a single-threaded runtime: the multi-threaded one would still run
+/// its one worker beside the main thread, with cross-thread wake-ups and atomics on every task
+/// switch, for no parallelism.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    }
 }
 
 mod sessions_cli {

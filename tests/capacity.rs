@@ -125,7 +125,7 @@ async fn redis_cost_per_login_refresh_and_request() {
     assert_eq!(h.whoami(&at(&v)).await.status, 200);
     assert_eq!(h.refresh(&rt(&v)).await.status, 200);
 
-    const N: usize = 200;
+    const N: usize = 100;
     let sessions = std::sync::Mutex::new(Vec::new());
     let login = measure(&h, N, |i| {
         let h = &h;

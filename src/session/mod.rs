@@ -11,6 +11,7 @@
 //! production, moved by tests instead of sleeping.
 
 pub mod escrow;
+pub mod os_random;
 pub mod seal;
 pub mod token;
 

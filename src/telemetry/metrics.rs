@@ -244,6 +244,25 @@ pub struct Metrics {
     connection_ips: Gauge,
     /// The token cache's handles (`mrp_token_cache_*`), shared with the cache itself.
     pub cache: CacheMetrics,
+    /// Pre-resolved handles of the per-request series (no label hashing or family lock on the
+    /// hot path): created on first use, so a series still appears with its first sample.
+    hot: HotHandles,
+}
+
+/// Status codes whose `http_requests_total` series get a pre-resolved handle; others go through
+/// the family.
+const HOT_STATUSES: [u16; 8] = [200, 400, 401, 403, 404, 429, 502, 503];
+
+#[derive(Default)]
+struct HotHandles {
+    requests: [[std::sync::OnceLock<Counter>; HOT_STATUSES.len()]; ROUTE_CLASSES.len()],
+    request_duration: [std::sync::OnceLock<Histogram>; ROUTE_CLASSES.len()],
+    upstream_duration: [std::sync::OnceLock<Histogram>; ROUTE_CLASSES.len()],
+    store_duration: [std::sync::OnceLock<Histogram>; StoreOp::ALL.len()],
+}
+
+fn route_index(route: &str) -> Option<usize> {
+    ROUTE_CLASSES.iter().position(|r| *r == route)
 }
 
 impl Default for Metrics {
@@ -283,6 +302,7 @@ impl Metrics {
             connections_rejected: Family::default(),
             connection_ips: Gauge::default(),
             cache: CacheMetrics::default(),
+            hot: HotHandles::default(),
         };
         m.connections_rejected
             .get_or_create_owned(&ReasonLabel { reason: "per_ip" });
@@ -426,12 +446,33 @@ impl Metrics {
     /// A client request answered (`status` as sent to the client).
     pub fn request(&self, route: &Route, status: u16, took: Duration) {
         let route = route.name();
-        self.requests
-            .get_or_create(&RequestLabels { route, status })
-            .inc();
-        self.request_duration
-            .get_or_create(&RouteLabel { route })
-            .observe(took.as_secs_f64());
+        let idx = route_index(route);
+        let hot = idx.zip(HOT_STATUSES.iter().position(|s| *s == status));
+        match hot {
+            Some((r, s)) => self.hot.requests[r][s]
+                .get_or_init(|| {
+                    self.requests
+                        .get_or_create_owned(&RequestLabels { route, status })
+                })
+                .inc(),
+            None => self
+                .requests
+                .get_or_create(&RequestLabels { route, status })
+                .inc(),
+        };
+        let secs = took.as_secs_f64();
+        match idx {
+            Some(r) => self.hot.request_duration[r]
+                .get_or_init(|| {
+                    self.request_duration
+                        .get_or_create_owned(&RouteLabel { route })
+                })
+                .observe(secs),
+            None => self
+                .request_duration
+                .get_or_create(&RouteLabel { route })
+                .observe(secs),
+        }
     }
 
     /// Counts a request in flight until the returned guard is dropped.
@@ -442,11 +483,20 @@ impl Metrics {
 
     /// A homeserver call that got response headers after `took`.
     pub fn upstream_response(&self, call: UpstreamCall, took: Duration) {
-        self.upstream_duration
-            .get_or_create(&RouteLabel {
-                route: call.as_str(),
-            })
-            .observe(took.as_secs_f64());
+        let route = call.as_str();
+        let secs = took.as_secs_f64();
+        match route_index(route).filter(|_| matches!(call, UpstreamCall::Route(_))) {
+            Some(r) => self.hot.upstream_duration[r]
+                .get_or_init(|| {
+                    self.upstream_duration
+                        .get_or_create_owned(&RouteLabel { route })
+                })
+                .observe(secs),
+            None => self
+                .upstream_duration
+                .get_or_create(&RouteLabel { route })
+                .observe(secs),
+        }
     }
 
     /// A homeserver call that failed.
@@ -494,8 +544,9 @@ impl Metrics {
     /// A session-store call finished after `took`; `ok` is false when it failed.
     pub fn store_call(&self, op: StoreOp, took: Duration, ok: bool) {
         let label = OpLabel { op: op.as_str() };
-        self.store_duration
-            .get_or_create(&label)
+        let i = StoreOp::ALL.iter().position(|o| *o == op).unwrap_or(0);
+        self.hot.store_duration[i]
+            .get_or_init(|| self.store_duration.get_or_create_owned(&label))
             .observe(took.as_secs_f64());
         if !ok {
             self.store_errors.get_or_create(&label).inc();

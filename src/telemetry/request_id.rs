@@ -11,18 +11,30 @@ pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest id accepted from a client: ids end up in every log line of the request.
 const MAX_LEN: usize = 128;
 
-/// A request id: 1 to 128 visible ASCII characters, so it is safe to log and to send on.
+/// A request id: 1 to 128 visible ASCII characters, so it is safe to log and to send on. Held as
+/// the header value itself: it is put on the forwarded request and on the answer by reference
+/// count, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestId(String);
+pub struct RequestId(HeaderValue);
 
 impl RequestId {
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Visible ASCII only, by construction.
+        self.0.to_str().unwrap_or("invalid")
     }
 
     /// 128 random bits as 32 lowercase hex digits.
     pub fn generate() -> Self {
-        RequestId(format!("{:032x}", rand::random::<u128>()))
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut n = rand::random::<u128>();
+        let mut hex = [0u8; 32];
+        for d in hex.iter_mut().rev() {
+            *d = DIGITS[(n & 15) as usize];
+            n >>= 4;
+        }
+        let v = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&hex))
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+        RequestId(v)
     }
 
     /// Accepts a client-supplied id if it is 1–128 visible ASCII characters (no spaces or
@@ -33,7 +45,7 @@ impl RequestId {
         let sane =
             !b.is_empty() && b.len() <= MAX_LEN && b.iter().all(|c| (0x21..=0x7e).contains(c));
         let s = std::str::from_utf8(b).ok()?;
-        (sane && !ProxyToken::has_proxy_prefix(s)).then(|| RequestId(s.to_owned()))
+        (sane && !ProxyToken::has_proxy_prefix(s)).then(|| RequestId(v.clone()))
     }
 
     /// The id of a request: its first `X-Request-Id` when sane, else a new one. The headers
@@ -48,14 +60,13 @@ impl RequestId {
     }
 
     pub fn header_value(&self) -> HeaderValue {
-        // Visible ASCII only, by construction.
-        HeaderValue::from_str(&self.0).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        self.0.clone()
     }
 }
 
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 

@@ -44,14 +44,14 @@ impl Presented {
 }
 
 /// The Bearer token of one `Authorization` value, if it is of that scheme.
-fn bearer(v: &HeaderValue) -> Option<String> {
+fn bearer(v: &HeaderValue) -> Option<&str> {
     let s = v.to_str().ok()?;
     let (scheme, rest) = s.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;
     }
     let t = rest.trim_matches(' ');
-    (!t.is_empty()).then(|| t.to_owned())
+    (!t.is_empty()).then_some(t)
 }
 
 /// Decoded `access_token` values of a query string.
@@ -67,25 +67,30 @@ fn query_tokens(query: Option<&str>) -> Vec<String> {
 }
 
 /// What token a request carries. Non-Bearer `Authorization` schemes are not ours to judge and
-/// count as no token.
+/// count as no token. (Called on every request: no allocation but the token's own copy.)
 pub fn presented(headers: &HeaderMap, query: Option<&str>) -> Presented {
-    let auth: Vec<&HeaderValue> = headers.get_all(header::AUTHORIZATION).iter().collect();
-    let q = query_tokens(query);
-    let h: Vec<String> = auth.iter().filter_map(|v| bearer(v)).collect();
+    let mut auth = headers.get_all(header::AUTHORIZATION).iter();
+    let first = auth.next();
+    // Several Authorization headers: ambiguous, whatever they hold.
+    if auth.next().is_some() {
+        return Presented::Conflicting;
+    }
+    let token = first.and_then(bearer);
     // A proxy token under another scheme (or in bytes that are not text) must neither be
     // guessed at nor reach the homeserver.
-    if auth
-        .iter()
-        .any(|v| bearer(v).is_none() && has_proxy_prefix_bytes(v.as_bytes()))
+    if let Some(v) = first
+        && token.is_none()
+        && has_proxy_prefix_bytes(v.as_bytes())
     {
         return Presented::Conflicting;
     }
-    match (auth.len(), h.len(), q.len()) {
-        (0, _, 0) => Presented::None,
-        (0, _, 1) => Presented::Query(q.into_iter().next().unwrap_or_default()),
-        (1, 1, 0) => Presented::Header(h.into_iter().next().unwrap_or_default()),
-        (1, 0, 0) => Presented::None,
-        (1, 0, 1) => Presented::Query(q.into_iter().next().unwrap_or_default()),
+    let mut q = query_tokens(query);
+    match (first.is_some(), token, q.len()) {
+        (false, _, 0) => Presented::None,
+        (false, _, 1) => Presented::Query(q.pop().unwrap_or_default()),
+        (true, Some(t), 0) => Presented::Header(t.to_owned()),
+        (true, None, 0) => Presented::None,
+        (true, None, 1) => Presented::Query(q.pop().unwrap_or_default()),
         _ => Presented::Conflicting,
     }
 }
@@ -108,7 +113,17 @@ pub fn any_proxy_token(headers: &HeaderMap, query: Option<&str>) -> bool {
 
 /// Replaces the Bearer token (keeping one header).
 pub fn set_bearer(headers: &mut HeaderMap, token: &str) -> bool {
-    match HeaderValue::from_str(&format!("Bearer {token}")) {
+    // Visible ASCII and tab only (as `HeaderValue::from_str`), built in place: no second copy.
+    if !token
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) || b == b'\t')
+    {
+        return false;
+    }
+    let mut v = bytes::BytesMut::with_capacity(7 + token.len());
+    v.extend_from_slice(b"Bearer ");
+    v.extend_from_slice(token.as_bytes());
+    match HeaderValue::from_maybe_shared(v.freeze()) {
         Ok(mut v) => {
             v.set_sensitive(true);
             headers.insert(header::AUTHORIZATION, v);

@@ -34,31 +34,34 @@ impl ClientScheme {
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not the message, and must
 /// not be forwarded. `Proxy-Authorization` carries credentials meant for this hop only.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// (Typed names: removing by `&str` would parse the name again on every request.)
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in &named {
-        h.remove(n);
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in &named {
+            h.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
 }
@@ -71,7 +74,15 @@ pub fn set_content_length(h: &mut HeaderMap, len: usize) {
 /// Client-address headers a homeserver may believe. From a peer not in `trusted_proxies` they are
 /// whatever the client made up, so they are dropped (else any client picks the IP the homeserver
 /// logs and rate-limits) and `X-Forwarded-For` is rebuilt from the peer alone.
-const UNTRUSTED_FORWARDING: [&str; 3] = ["x-forwarded-for", "forwarded", "x-real-ip"];
+const UNTRUSTED_FORWARDING: [HeaderName; 3] = [
+    HeaderName::from_static("x-forwarded-for"),
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Prepares request headers for the homeserver.
 /// - `X-Forwarded-For`: from a trusted peer (a proxy in `trusted_proxies`) the peer is appended to
@@ -85,34 +96,31 @@ pub fn prepare_request(h: &mut HeaderMap, conn: &ClientConn) {
     let peer_trusted = conn.trusted;
     remove_hop_by_hop(h);
     if !peer_trusted {
-        for n in UNTRUSTED_FORWARDING {
+        for n in &UNTRUSTED_FORWARDING {
             h.remove(n);
         }
     }
-    let xfp = HeaderName::from_static("x-forwarded-proto");
-    let proto = match h.get(&xfp).map(HeaderValue::as_bytes) {
+    let proto = match h.get(X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
         Some(b"https") if peer_trusted => "https",
         Some(b"http") if peer_trusted => "http",
         _ => conn.scheme.as_str(),
     };
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let prior: Vec<String> = h
-        .get_all(&xff)
-        .iter()
-        .filter_map(|v| v.to_str().ok().map(str::to_owned))
-        .collect();
-    let mut value = prior.join(", ");
-    if !value.is_empty() {
-        value.push_str(", ");
+    let mut value = String::with_capacity(64);
+    for prior in h.get_all(X_FORWARDED_FOR) {
+        if let Ok(p) = prior.to_str() {
+            value.push_str(p);
+            value.push_str(", ");
+        }
     }
-    value.push_str(&conn.peer.ip().to_string());
-    h.remove(&xff);
+    // An IP address's text form, without a temporary String.
+    let _ = std::fmt::Write::write_fmt(&mut value, format_args!("{}", conn.peer.ip()));
+    h.remove(X_FORWARDED_FOR);
     if let Ok(v) = HeaderValue::from_str(&value) {
-        h.insert(xff, v);
+        h.insert(X_FORWARDED_FOR, v);
     }
-    h.insert(xfp, HeaderValue::from_static(proto));
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(host) = h.remove(header::HOST) {
-        h.insert(HeaderName::from_static("x-forwarded-host"), host);
+        h.insert(X_FORWARDED_HOST, host);
     }
 }
 

@@ -133,9 +133,23 @@ impl Upstream {
             parts.headers.insert(http::header::HOST, v);
         }
         headers::prepare_request(&mut parts.headers, conn);
-        parts.uri = self
-            .uri(path, query)
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        // Without a base path and with the query untouched, the client's own path and query are
+        // reused as they are (no formatting, no second parse).
+        let unchanged = self.base_path.is_empty()
+            && parts.uri.path() == path
+            && parts.uri.query().filter(|q| !q.is_empty()) == query.filter(|q| !q.is_empty());
+        parts.uri = match parts.uri.path_and_query() {
+            Some(pq) if unchanged => {
+                let mut up = http::uri::Parts::default();
+                up.scheme = Some(self.scheme.clone());
+                up.authority = Some(self.authority.clone());
+                up.path_and_query = Some(pq.clone());
+                Uri::from_parts(up).map_err(|e| UpstreamError::Unreachable(e.to_string()))?
+            }
+            _ => self
+                .uri(path, query)
+                .map_err(|e| UpstreamError::Unreachable(e.to_string()))?,
+        };
         // The upstream connection is HTTP/1.1 whatever the client spoke.
         parts.version = http::Version::HTTP_11;
         self.send(Request::from_parts(parts, body), call).await
