@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use crate::config::{Config, ConfigError, HttpConfig, TrustedProxies};
 use crate::ratelimit::RateLimits;
 use crate::session::{Sessions, StoreError};
-use crate::store::{Instrumented, RedisSettings, RedisStore, Store};
+use crate::store::{Cached, Instrumented, RedisSettings, RedisStore, Store, TokenCache};
 use crate::telemetry::metrics::Metrics;
 use crate::tls::{ServerTls, TlsError};
 use crate::upstream::Upstream;
@@ -51,6 +51,11 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         // With `rate_limit.backend: redis` the shared budget lives in the session Redis.
         let limits = ArcSwap::from_pointee(RateLimits::new(&config.rate_limit, store.clone()));
+        // Without its invalidation tasks (started by `run`) the cache stays off-line: bypassed.
+        let cache = config
+            .cache
+            .enabled
+            .then(|| Arc::new(TokenCache::new(&config.cache, metrics.cache.clone())));
         let escrow = config.escrow_keys()?.map(Arc::new);
         if let Some(k) = &escrow {
             tracing::info!(
@@ -60,7 +65,7 @@ impl App {
             );
         }
         let sessions = Sessions::new(
-            Instrumented::new(store.clone(), metrics.clone()),
+            Cached::new(Instrumented::new(store.clone(), metrics.clone()), cache),
             config.tokens,
             crate::session::clock_from_env(),
             Box::new(crate::session::os_random::OsRandom::new()),

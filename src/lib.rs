@@ -129,6 +129,17 @@ pub async fn run(
         SESSIONS_ALIVE_SAMPLE,
     )));
     let _watchdog = AbortOnDrop(tokio::spawn(lifecycle::watchdog()));
+    let _invalidation = app.sessions.store().cache().map(|cache| {
+        store::invalidation::spawn(
+            cache.clone(),
+            &app.redis,
+            store::invalidation::InvalidationSettings {
+                heartbeat_interval: config.cache.heartbeat_interval,
+                connect_timeout: config.redis.connect_timeout,
+            },
+        )
+        .map(|tasks| tasks.map(AbortOnDrop))
+    });
     tracing::info!(upstream = %config.upstream.url, "listening on {local}");
     let draining = app.clone();
     let shutdown = async move {

@@ -114,7 +114,9 @@ fn calls(c: &Cost, cmd: &str) -> f64 {
 async fn redis_cost_per_login_refresh_and_request() {
     let h = Harness::with(
         ProxyOptions {
-            extra: "rate_limit:\n  enabled: false\n".to_owned(),
+            // The token cache off: what each operation costs Redis (the cache's effect is
+            // measured last).
+            extra: "rate_limit:\n  enabled: false\ncache:\n  enabled: false\n".to_owned(),
             ..Default::default()
         },
         false,
@@ -225,4 +227,26 @@ async fn redis_cost_per_login_refresh_and_request() {
     assert_eq!(calls(&after_refresh, "evalsha"), 1.0);
     assert_eq!(calls(&login, "evalsha"), 2.0);
     assert_eq!(calls(&refresh, "evalsha"), 3.0);
+
+    // With the token cache on, a token seen before costs no Redis call; the heartbeats do (50
+    // PUBLISHes a second per replica).
+    let h = Harness::with(
+        ProxyOptions {
+            extra: "rate_limit:\n  enabled: false\n".to_owned(),
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let v = h.login("cached").await;
+    let t = at(&v);
+    assert_eq!(h.whoami(&t).await.status, 200);
+    let cached = measure(&h, N, |_| {
+        let h = &h;
+        let t = t.clone();
+        async move { assert_eq!(h.whoami(&t).await.status, 200) }
+    })
+    .await;
+    println!("{}", show("authenticated request, token cache on", &cached));
+    assert_eq!(calls(&cached, "evalsha"), 0.0);
 }

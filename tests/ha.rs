@@ -324,15 +324,13 @@ async fn logout_is_seen_by_the_other_replica(urls: &[String]) {
     .await;
     assert_eq!(r.status, 200);
     let at = r.json()["access_token"].as_str().unwrap().to_owned();
-    let w = send(
-        &c,
-        Method::GET,
-        &format!("{}{WHOAMI}", urls[1]),
-        Some(&at),
-        None,
-    )
-    .await;
-    assert_eq!(w.status, 200);
+    // Both replicas hold the token in their token cache.
+    for _ in 0..3 {
+        for u in urls {
+            let w = send(&c, Method::GET, &format!("{u}{WHOAMI}"), Some(&at), None).await;
+            assert_eq!(w.status, 200);
+        }
+    }
     let out = send(
         &c,
         Method::POST,
@@ -342,6 +340,26 @@ async fn logout_is_seen_by_the_other_replica(urls: &[String]) {
     )
     .await;
     assert_eq!(out.status, 200, "{:?}", out.json());
+    // The other replica's cache is told through Redis pub/sub: refused within 100 ms at most.
+    let t = Instant::now();
+    loop {
+        let w = send(
+            &c,
+            Method::GET,
+            &format!("{}{WHOAMI}", urls[0]),
+            Some(&at),
+            None,
+        )
+        .await;
+        if w.status == 401 {
+            break;
+        }
+        assert_eq!(w.status, 200);
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "revocation unseen for 100 ms"
+        );
+    }
     for u in urls {
         let w = send(&c, Method::GET, &format!("{u}{WHOAMI}"), Some(&at), None).await;
         assert_eq!(w.status, 401, "after logout via the other replica");
@@ -500,6 +518,10 @@ async fn sentinel_failover_and_killed_master_lose_nothing() {
     assert!(a.logs().contains("Sentinel master changed"), "{}", a.logs());
     let m = common::get_url(&client(), &format!("{}/metrics", a.admin_url())).await;
     let m = String::from_utf8_lossy(&m.body).into_owned();
+    assert!(
+        m.contains("mrp_token_cache_flushes_total{reason=\"master_switch\"}"),
+        "{m}"
+    );
     let switches: u64 = m
         .lines()
         .find_map(|l| {
@@ -586,6 +608,18 @@ async fn cluster_slot_migration_loses_nothing() {
     assert_clean(&stats, lost);
     logout_is_seen_by_the_other_replica(&urls).await;
     logout_all_reaches_every_slot(&urls).await;
+    // The token cache served hits on the cluster (its heartbeats came back from every primary).
+    let m = common::get_url(&client(), &format!("{}/metrics", a.admin_url())).await;
+    let m = String::from_utf8_lossy(&m.body).into_owned();
+    let hits: f64 = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("mrp_token_cache_lookups_total{result=\"hit\"} ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    assert!(hits > 0.0, "no token cache hit on the cluster:\n{m}");
     shared_login_budget(&hs, &loc).await;
     // WAIT goes to the node that took the write: these masters have no replica, so a login
     // that must be acknowledged by one is refused with 503 and Retry-After, and no token is

@@ -3,6 +3,7 @@
 //!
 //! The shipped `config.yaml` at the repository root documents every key.
 
+mod cache;
 mod rate_limit;
 mod raw;
 
@@ -13,6 +14,7 @@ use std::time::Duration;
 use crate::session::Lifetimes;
 use crate::session::escrow::{EscrowKeys, UpstreamKey};
 
+pub use self::cache::CacheConfig;
 pub use self::rate_limit::{LimitConfig, RateLimitBackend, RateLimitConfig, TrustedProxies};
 
 /// The validated configuration.
@@ -33,6 +35,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// TLS on the client listener; `None` = plain HTTP (TLS terminated in front, or none).
     pub tls: Option<TlsConfig>,
+    /// The in-process cache of access-token lookups.
+    pub cache: CacheConfig,
 }
 
 /// The client listener's certificate files (PEM), re-read on SIGHUP.

@@ -44,6 +44,8 @@ pub(super) struct Raw {
     #[serde(default)]
     admin: RawAdmin,
     tls: Option<RawTls>,
+    #[serde(default)]
+    cache: super::cache::RawCache,
 }
 
 #[derive(Deserialize, Default)]
@@ -132,7 +134,7 @@ struct RawLog {
     format: Option<String>,
 }
 
-fn duration(key: &str, v: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+pub(super) fn duration(key: &str, v: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
     let s = v.unwrap_or(default);
     let d = humantime::parse_duration(s)
         .map_err(|e| invalid(key, format!("not a duration ({e}): {s:?}")))?;
@@ -232,6 +234,7 @@ impl Raw {
             rate_limit: rate_limit::rate_limit(self.rate_limit)?,
             trusted_proxies: rate_limit::trusted_proxies(self.trusted_proxies.unwrap_or_default())?,
             tls: self.tls.map(RawTls::validate).transpose()?,
+            cache: super::cache::cache(self.cache)?,
             shutdown_timeout: duration(
                 "shutdown_timeout",
                 self.shutdown_timeout.as_deref(),

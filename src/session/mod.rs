@@ -183,8 +183,12 @@ pub enum AccessRecord {
     Superseded,
     Found {
         sealed_upstream: Vec<u8>,
-        /// The store's decision on its clock (Redis `TIME` + offset): now < the token's expiry.
+        /// The store's decision on its clock: `now < expires_at`.
         valid: bool,
+        expires_at: Millis,
+        /// The store's now (Redis `TIME` + offset) when it decided (the token cache keeps
+        /// entries on this clock).
+        now: Millis,
         info: SessionInfo,
     },
 }

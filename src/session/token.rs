@@ -55,6 +55,11 @@ impl SessionId {
         URL_SAFE_NO_PAD.encode(self.0)
     }
 
+    /// The raw 16 random bytes (not secret on their own: they are in clear in every token).
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
     pub fn from_tag(tag: &str) -> Option<Self> {
         let v = URL_SAFE_NO_PAD.decode(tag).ok()?;
         Some(SessionId(v.try_into().ok()?))

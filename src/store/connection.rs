@@ -59,6 +59,21 @@ pub enum RedisConn {
     Cluster(ClusterConnection),
 }
 
+/// The client for a `redis://`, `rediss://` (trusting only `ca_pem` when given) or
+/// `redis+unix://` URL; also used for the token cache's pub/sub connection.
+pub fn url_client(url: &str, ca_pem: Option<&[u8]>) -> Result<redis::Client, RedisError> {
+    match ca_pem {
+        None => redis::Client::open(url),
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+    }
+}
+
 fn manager_config(t: Timeouts) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(t.connect))
@@ -75,18 +90,8 @@ impl RedisConn {
     pub fn new(target: &Target, t: Timeouts) -> Result<Self, RedisError> {
         match target {
             Target::Url { url, ca_pem } => {
-                let client = match ca_pem {
-                    None => redis::Client::open(url.as_str())?,
-                    Some(pem) => {
-                        let certs = redis::TlsCertificates {
-                            client_tls: None,
-                            root_cert: Some(pem.clone()),
-                        };
-                        redis::Client::build_with_tls(url.as_str(), certs)?
-                    }
-                };
                 Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(
-                    client,
+                    url_client(url, ca_pem.as_deref())?,
                     manager_config(t),
                 )?))
             }
@@ -196,9 +201,10 @@ fn no_master(detail: impl std::fmt::Display) -> RedisError {
     ))
 }
 
-/// The master in use: its address and a reconnecting connection to it.
+/// The master in use: its address, a client for it and a reconnecting connection to it.
 struct Master {
     addr: ConnectionAddr,
+    client: redis::Client,
     conn: ConnectionManager,
 }
 
@@ -267,6 +273,16 @@ impl SentinelConn {
         }
     }
 
+    /// A client for the current master (resolved first if none is known yet), for a
+    /// connection of its own such as the token cache's invalidation subscriber.
+    pub async fn master_client(self: &Arc<Self>) -> Result<redis::Client, RedisError> {
+        self.current().await?;
+        self.master
+            .load_full()
+            .map(|m| m.client.clone())
+            .ok_or_else(|| no_master("not resolved yet"))
+    }
+
     /// After a call: an error a failover explains makes the watcher ask Sentinel now.
     fn after<T>(&self, r: &Result<T, RedisError>) {
         if let Err(e) = r
@@ -294,10 +310,12 @@ impl SentinelConn {
         if current.as_ref().is_some_and(|m| m.addr == addr) {
             return Ok(());
         }
-        let conn = ConnectionManager::new_lazy_with_config(found, manager_config(self.timeouts))?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(found.clone(), manager_config(self.timeouts))?;
         let first = current.is_none();
         self.master.store(Some(Arc::new(Master {
             addr: addr.clone(),
+            client: found,
             conn,
         })));
         self.switches.fetch_add(1, Ordering::AcqRel);

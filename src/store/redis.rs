@@ -159,6 +159,19 @@ impl RedisSettings {
     }
 }
 
+/// Where the invalidation subscriber connects, per deployment.
+#[derive(Clone)]
+pub(super) enum Subscriber {
+    /// The one node (`redis.url`).
+    Node(Box<redis::Client>),
+    /// The current Sentinel master: the node the data connection writes to (so the subscriber
+    /// hears the revocations and heartbeats written there, in order); it moves on a switch.
+    Sentinel(std::sync::Arc<super::connection::SentinelConn>),
+    /// Any cluster node, tried in turn: a classic PUBLISH reaches every node's subscribers
+    /// over the cluster bus.
+    AnyOf(Vec<redis::Client>),
+}
+
 struct Scripts {
     create: Lua,
     lookup_access: Lua,
@@ -175,6 +188,9 @@ struct Scripts {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: RedisConn,
+    /// For the token cache's dedicated invalidation subscriber ([`super::invalidation`]):
+    /// where it connects.
+    subscriber: Subscriber,
     scripts: std::sync::Arc<Scripts>,
     /// `(replicas, timeout ms)` for `WAIT`, when writes must reach replicas.
     ack: Option<(u32, u64)>,
@@ -307,8 +323,31 @@ impl RedisStore {
     /// while Redis is down, and connects on first use.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
         let conn = RedisConn::new(&settings.target, settings.timeouts).map_err(err)?;
+        let subscriber = match (&settings.target, &conn) {
+            (Target::Url { url, ca_pem }, _) => Subscriber::Node(Box::new(
+                super::connection::url_client(url, ca_pem.as_deref()).map_err(err)?,
+            )),
+            (_, RedisConn::Sentinel(s)) => Subscriber::Sentinel(s.clone()),
+            (Target::Cluster { nodes, password }, _) => Subscriber::AnyOf(
+                nodes
+                    .iter()
+                    .map(|(h, p)| {
+                        let mut info =
+                            redis::IntoConnectionInfo::into_connection_info((h.as_str(), *p))?;
+                        if let Some(pw) = password {
+                            let redis = info.redis_settings().clone().set_password(pw);
+                            info = info.set_redis_settings(redis);
+                        }
+                        redis::Client::open(info)
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(err)?,
+            ),
+            (Target::Sentinel { .. }, _) => unreachable!("a Sentinel target makes a Sentinel conn"),
+        };
         Ok(RedisStore {
             conn,
+            subscriber,
             scripts: std::sync::Arc::new(Scripts {
                 create: script(include_str!("lua/create.lua")),
                 lookup_access: script(include_str!("lua/lookup_access.lua")),
@@ -438,16 +477,17 @@ impl TokenStore for RedisStore {
             // {status, sealed, expiry, user, device, now}: the decision is the script's.
             "valid" | "expired" => {
                 let sealed = bytes(rest.next().ok_or_else(short)?)?;
-                // The expiry and the store's now follow the status (checked, not needed here).
-                number(rest.next().ok_or_else(short)?)?;
+                let exp = number(rest.next().ok_or_else(short)?)?;
                 let info = info(
                     rest.next().ok_or_else(short)?,
                     rest.next().ok_or_else(short)?,
                 )?;
-                number(rest.next().ok_or_else(short)?)?;
+                let now = number(rest.next().ok_or_else(short)?)?;
                 AccessRecord::Found {
                     sealed_upstream: sealed,
                     valid: status == "valid",
+                    expires_at: exp,
+                    now,
                     info,
                 }
             }
@@ -704,6 +744,11 @@ impl RedisStore {
     /// The connection, for the operator views in [`super::sessions_view`].
     pub(super) fn connection(&self) -> RedisConn {
         self.conn.clone()
+    }
+
+    /// Where the token cache's invalidation subscriber opens its own pub/sub connection.
+    pub(super) fn subscriber(&self) -> &Subscriber {
+        &self.subscriber
     }
 
     /// Whether this is a Redis Cluster (keys of different slots live on different nodes).

@@ -121,8 +121,21 @@ impl RedisStore {
     /// In a cluster, every primary is scanned.
     pub async fn count_sessions(&self) -> Result<u64, StoreError> {
         let c = self.connection();
-        let RedisConn::Cluster(mut cc) = c else {
+        let RedisConn::Cluster(cc) = c else {
             return scan_count(c, None).await;
+        };
+        let mut n = 0;
+        for primary in self.cluster_primaries().await? {
+            n += scan_count(RedisConn::Cluster(cc.clone()), Some(primary)).await?;
+        }
+        Ok(n)
+    }
+
+    /// `host:port` of the cluster's primaries that serve slots (from `CLUSTER NODES` of a random
+    /// node); empty for other deployments.
+    pub async fn cluster_primaries(&self) -> Result<Vec<(String, u16)>, StoreError> {
+        let RedisConn::Cluster(mut cc) = self.connection() else {
+            return Ok(Vec::new());
         };
         let nodes: String = cc
             .route_command(
@@ -132,11 +145,7 @@ impl RedisStore {
             .await
             .and_then(|v| redis::from_redis_value(v).map_err(Into::into))
             .map_err(err)?;
-        let mut n = 0;
-        for primary in primaries(&nodes) {
-            n += scan_count(RedisConn::Cluster(cc.clone()), Some(primary)).await?;
-        }
-        Ok(n)
+        Ok(primaries(&nodes))
     }
 }
 

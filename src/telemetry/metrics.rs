@@ -242,6 +242,8 @@ pub struct Metrics {
     recent_refreshes: RecentCounter,
     connections_rejected: Family<ReasonLabel, Counter>,
     connection_ips: Gauge,
+    /// The token cache's handles (`mrp_token_cache_*`), shared with the cache itself.
+    pub cache: CacheMetrics,
     /// Pre-resolved handles of the per-request series (no label hashing or family lock on the
     /// hot path): created on first use, so a series still appears with its first sample.
     hot: HotHandles,
@@ -299,6 +301,7 @@ impl Metrics {
             recent_refreshes: RecentCounter::default(),
             connections_rejected: Family::default(),
             connection_ips: Gauge::default(),
+            cache: CacheMetrics::default(),
             hot: HotHandles::default(),
         };
         m.connections_rejected
@@ -428,6 +431,7 @@ impl Metrics {
             "Client IPs with open connections, tracked for http.max_connections_per_ip",
             self.connection_ips.clone(),
         );
+        self.cache.register(r);
         self
     }
 
@@ -674,6 +678,120 @@ pub struct InFlightGauge(Gauge);
 impl Drop for InFlightGauge {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// Why the token cache was flushed (and bypassed until its invalidation channel is proven again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheFlush {
+    /// The invalidation subscriber's connection closed (or could not subscribe).
+    Disconnect,
+    /// No own heartbeat came back within `cache.liveness_timeout`.
+    Liveness,
+    /// An invalidation message that names no session: everything goes.
+    BadMessage,
+    /// The Redis master changed (Sentinel): the subscriber moves to the new one.
+    MasterSwitch,
+}
+
+impl CacheFlush {
+    pub const ALL: [CacheFlush; 4] = [
+        CacheFlush::Disconnect,
+        CacheFlush::Liveness,
+        CacheFlush::BadMessage,
+        CacheFlush::MasterSwitch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheFlush::Disconnect => "disconnect",
+            CacheFlush::Liveness => "liveness",
+            CacheFlush::BadMessage => "bad_message",
+            CacheFlush::MasterSwitch => "master_switch",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// Pre-resolved handles of the token cache's metrics: the hot path only increments atomics.
+#[derive(Clone, Debug, Default)]
+pub struct CacheMetrics {
+    lookups: Family<ResultLabel, Counter>,
+    pub hits: Counter,
+    pub misses: Counter,
+    /// Looked up in Redis because the cache is off-line (flushed, invalidation channel down).
+    pub bypasses: Counter,
+    pub entries: Gauge,
+    pub bytes: Gauge,
+    /// 1 while the cache serves hits, 0 while it is flushed and bypassed.
+    pub enabled: Gauge,
+    flushes: Family<ReasonLabel, Counter>,
+    pub invalidations: Counter,
+    /// Lookup replies not kept because an invalidation or flush raced with them.
+    pub races: Counter,
+}
+
+impl CacheMetrics {
+    fn register(&mut self, r: &mut Registry) {
+        for (result, c) in [
+            ("hit", &mut self.hits),
+            ("miss", &mut self.misses),
+            ("bypass", &mut self.bypasses),
+        ] {
+            *c = self.lookups.get_or_create_owned(&ResultLabel { result });
+        }
+        for f in CacheFlush::ALL {
+            self.flushes
+                .get_or_create_owned(&ReasonLabel { reason: f.as_str() });
+        }
+        r.register(
+            "token_cache_lookups",
+            "Access-token lookups by the in-process cache: hit (no Redis call), miss (Redis, then \
+             kept), bypass (Redis; the cache is flushed while its invalidation channel is down)",
+            self.lookups.clone(),
+        );
+        r.register(
+            "token_cache_entries",
+            "Sessions held by the token cache",
+            self.entries.clone(),
+        );
+        r.register(
+            "token_cache_bytes",
+            "Bytes held by the token cache's entries (heap data and per-entry map bookkeeping)",
+            self.bytes.clone(),
+        );
+        r.register(
+            "token_cache_enabled",
+            "1 while the token cache serves hits; 0 while flushed and bypassed",
+            self.enabled.clone(),
+        );
+        r.register(
+            "token_cache_flushes",
+            "Token cache flushes, by reason (disconnect, liveness, bad_message)",
+            self.flushes.clone(),
+        );
+        r.register(
+            "token_cache_invalidations",
+            "Session invalidations applied to the token cache (from any replica, or local)",
+            self.invalidations.clone(),
+        );
+        r.register(
+            "token_cache_races",
+            "Lookup replies not cached because an invalidation or flush arrived while in flight",
+            self.races.clone(),
+        );
+    }
+
+    pub fn flushed(&self, why: CacheFlush) {
+        self.flushes
+            .get_or_create(&ReasonLabel {
+                reason: why.as_str(),
+            })
+            .inc();
     }
 }
 

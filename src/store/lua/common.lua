@@ -52,6 +52,17 @@ local function pair_times(now, ends, access_ms, refresh_ms, cap_ms, retention_ms
   return aexp, rexp, ttl
 end
 
+-- Where revocations are published for the replicas' token caches (src/store/invalidation.rs:
+-- CHANNEL). The payload is the session's tag; `{inv}` keeps the name in one cluster slot.
+local INVALIDATION_CHANNEL = 'mrp:{inv}'
+
+-- Tells every replica's token cache to forget a session (`key`: any key of it). PUBLISH in the
+-- script is atomic with the change that needs it and is replicated to replicas and (Cluster) to
+-- every node.
+local function invalidate(key)
+  redis.call('PUBLISH', INVALIDATION_CHANNEL, string.match(key, '{(.-)}'))
+end
+
 -- Extends a key's TTL to at least `ttl` ms; never shortens it.
 local function extend(key, ttl)
   ttl = tonumber(ttl)
@@ -122,6 +133,8 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
         local okey = prefix .. 'a:' .. older
         redis.call('DEL', okey)
         redis.call('ZREM', index_key, okey)
+        -- A replica may still hold it as valid: from now on it answers soft logout.
+        invalidate(session_key)
       end
       redis.call('HSET', session_key, 'sa', r[2])
       redis.call('ZREMRANGEBYRANK', marker_key, 0, -(MARKERS + 1))
@@ -143,6 +156,7 @@ local function purge_session(session_key, index_key, used_key)
     redis.call('DEL', k)
   end
   redis.call('DEL', session_key, index_key, used_key, string.sub(session_key, 1, -2) .. 'x')
+  invalidate(session_key)
   if not s[1] then
     return {}
   end
