@@ -360,6 +360,12 @@ async fn logout_upstream(app: &App, tokens: Vec<Option<String>>) -> UpstreamLogo
     n
 }
 
+/// The ids of a user's sessions, from the per-user index.
+async fn user_sids(app: &App, user: &str) -> Result<Vec<SessionId>, crate::session::StoreError> {
+    let index = app.sessions.store().user_sessions(user).await?;
+    Ok(index.into_iter().map(|(sid, _)| sid).collect())
+}
+
 async fn execute(app: &App, call: &Call, upstream_logout: bool) -> Result<Outcome, ApiError> {
     let store_down = |e: crate::session::StoreError| {
         tracing::warn!(error = %e, "admin API: session store failed");
@@ -388,15 +394,7 @@ async fn execute(app: &App, call: &Call, upstream_logout: bool) -> Result<Outcom
     };
     match call {
         Call::ListUser(user) => {
-            let sids: Vec<SessionId> = app
-                .sessions
-                .store()
-                .user_sessions(user)
-                .await
-                .map_err(store_down)?
-                .into_iter()
-                .map(|(sid, _)| sid)
-                .collect();
+            let sids = user_sids(app, user).await.map_err(store_down)?;
             let mut views = app.redis.session_views(&sids).await.map_err(store_down)?;
             // Another user's session can never be shown, whatever the index says.
             views.retain(|v| &v.user_id == user);
@@ -431,15 +429,7 @@ async fn execute(app: &App, call: &Call, upstream_logout: bool) -> Result<Outcom
                 Ok(ended(user.clone(), n, None))
             }
             Some(keys) => {
-                let sids: Vec<SessionId> = app
-                    .sessions
-                    .store()
-                    .user_sessions(user)
-                    .await
-                    .map_err(store_down)?
-                    .into_iter()
-                    .map(|(sid, _)| sid)
-                    .collect();
+                let sids = user_sids(app, user).await.map_err(store_down)?;
                 let (n, tokens) = revoke_reading_escrow(app, user, &sids, keys)
                     .await
                     .map_err(store_down)?;
