@@ -2,7 +2,9 @@
 # The proxy side by side with nginx, run by hand (never in CI), loopback only, ~3 minutes:
 #   scripts/bench.sh [seconds per run, default 5] [rounds, default 3] [connections, default 64]
 # Environment: BENCH_BIN (a built binary to measure), BENCH_BEFORE (an older build measured in
-# the same rounds), BENCH_PROFILE / BENCH_STRACE (directories: perf and strace of each proxy case).
+# the same rounds), BENCH_CASES (a subset of the proxy cases, e.g. "refresh_fresh_tokens"),
+# BENCH_QUICK=1 (throughput only: no latency or default-limits runs), BENCH_PROFILE /
+# BENCH_STRACE (directories: perf and strace of each proxy case).
 #
 # Installs wrk and nginx with apt when missing, builds the release proxy, then starts its own
 #   - redis-server on a unix socket (never the machine's 6379),
@@ -299,6 +301,10 @@ case_args() {
     esac
 }
 proxy_cases=(proxy_access_token hs_token_passthrough anonymous_passthrough refresh_fresh_tokens login_wrapping)
+# BENCH_CASES="case ...": only these proxy cases (nginx always runs: every ratio needs it).
+if [[ -n "${BENCH_CASES:-}" ]]; then
+    read -r -a proxy_cases <<<"$BENCH_CASES"
+fi
 cases=(nginx nginx_bare "${proxy_cases[@]}")
 if [[ -n "${BENCH_BEFORE:-}" ]]; then
     for c in "${proxy_cases[@]}"; do cases+=("before_$c"); done
@@ -359,6 +365,7 @@ PY2
     done
 fi
 
+if [[ -z "${BENCH_QUICK:-}" ]]; then
 # Latency at 50 % of nginx's median maximum rate, same offered rate for every target.
 nginx_max=$(awk '$1=="nginx" {print $2}' "$results" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
 delay_ms=2
@@ -377,6 +384,7 @@ done
 dfl="http://127.0.0.1:$def_port/_matrix/client/v3"
 run defaults_refresh -c"$conns" -d"${secs}s" -s "$tmp/refresh.lua" "$dfl/refresh"
 run defaults_login -c"$conns" -d"${secs}s" -s "$tmp/login.lua" "$dfl/login"
+fi
 rss_after=$(rss "$proxy_pid")
 # BENCH_RESULTS=FILE: keep the raw rows (case rps p50 p99 non2xx server_us redis_us upstream_us).
 [[ -z "${BENCH_RESULTS:-}" ]] || cp "$results" "$BENCH_RESULTS"
@@ -398,7 +406,7 @@ print(f"{'case (GET /account/whoami unless named)':42} {'req/s':>9} {'x nginx':>
 names = ["nginx", "nginx_bare", "proxy_access_token", "hs_token_passthrough",
          "anonymous_passthrough", "refresh_fresh_tokens", "login_wrapping"]
 names += ["before_" + n for n in names[2:] if "before_" + n in rows]
-for name in names:
+for name in [n for n in names if n in rows]:
     bad = sum(r[3] for r in rows[name])
     print(f"{name:42} {med(name,0):9.0f} {med(name,0)/base:8.2f} {med(name,0)/bare:7.2f} {med(name,1):7.2f} {med(name,2):7.2f} {bad:8} {med(name,4):14.1f} {med(name,5):6.1f} {med(name,6):8.1f} {cpu('nginx')/cpu(name):12.2f}")
 print()
@@ -407,7 +415,7 @@ for name in [n for n in ["lat_nginx", "lat_proxy_access_token", "lat_before_prox
     print(f"  {name[4:]:40} achieved {med(name,0):7.0f} req/s  p50 {med(name,1):.3f} ms  p99 {med(name,2):.3f} ms")
 print()
 print("default rate limits (one run each):")
-for name in ["defaults_refresh", "defaults_login"]:
+for name in [n for n in ["defaults_refresh", "defaults_login"] if n in rows]:
     r = rows[name][0]
     print(f"  {name[9:]:40} {r[0]:7.0f} req/s, {r[3]} non-2xx (429 M_LIMIT_EXCEEDED)")
 print()

@@ -62,7 +62,7 @@ async fn admin(h: &Harness, method: Method, path: &str) -> Reply {
 /// written in batches, up to 20 ms late); after 2 s, whatever there is.
 async fn logs_with(h: &Harness, needles: &[&str]) -> String {
     for _ in 0..100 {
-        let logs = h.proxy.logs();
+        let logs = h.proxy.logs_now();
         if logs.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
             return logs;
         }

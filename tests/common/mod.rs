@@ -218,7 +218,16 @@ impl ProxyProcess {
         format!("https://{}", self.addr)
     }
 
+    /// The proxy's stderr so far. Lines are written in batches about 20 ms after the first of
+    /// a batch (src/telemetry/mod.rs, FLUSH_EVERY): wait that out before reading, so a line
+    /// logged by a request that just returned is there.
     pub fn logs(&self) -> String {
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        self.logs_now()
+    }
+
+    /// The proxy's stderr as read so far, without waiting for a pending batch.
+    pub fn logs_now(&self) -> String {
         self.logs.lock().unwrap().clone()
     }
 
