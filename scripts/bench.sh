@@ -3,7 +3,8 @@
 #   scripts/bench.sh [seconds per run, default 5] [rounds, default 3] [connections, default 64]
 # Environment: BENCH_BIN (a built binary to measure), BENCH_BEFORE (an older build measured in
 # the same rounds), BENCH_CASES (a subset of the proxy cases, e.g. "refresh_fresh_tokens"),
-# BENCH_QUICK=1 (throughput only: no latency or default-limits runs), BENCH_PROFILE /
+# BENCH_QUICK=1 (throughput only: no latency or default-limits runs), BENCH_REDIS=1 (Redis
+# commands per request of every run, from INFO commandstats), BENCH_PROFILE /
 # BENCH_STRACE (directories: perf and strace of each proxy case).
 #
 # Installs wrk and nginx with apt when missing, builds the release proxy, then starts its own
@@ -258,7 +259,10 @@ run() {
     esac
     local s0 r0 u0
     s0=$(cpu_ns "$server") r0=$(cpu_ns "$redis_pid") u0=$(cpu_ns "$up_worker")
+    redis-cli -s "$tmp/redis.sock" CONFIG RESETSTAT >/dev/null
     $load wrk -t1 "$@" --latency >"$tmp/wrk.out" 2>&1
+    # Redis commands per request (scripts' own calls included), into $tmp/redis.NAME.
+    redis-cli -s "$tmp/redis.sock" INFO commandstats >"$tmp/redis.$name"
     local cpu="$(($(cpu_ns "$server") - s0)) $(($(cpu_ns "$redis_pid") - r0)) $(($(cpu_ns "$up_worker") - u0))"
     python3 -c '
 import re, sys
@@ -277,6 +281,24 @@ m = re.search(r"Socket errors: (.*)", text)
 if m: bad += sum(int(x) for x in re.findall(r"\d+", m.group(1)))
 print(name, rps, p50, p99, bad, *(f"{c / n / 1000:.2f}" for c in cpu))
 ' "$name" "$cpu" "$tmp/wrk.out" >>"$results"
+    # BENCH_REDIS=1: print the Redis commands per request of each run.
+    if [[ -n "${BENCH_REDIS:-}" ]]; then
+        python3 - "$name" "$tmp/redis.$name" "$tmp/wrk.out" <<'PY3' >&2
+import re, sys
+name, stats, wrk = sys.argv[1:]
+n = max(1, int(re.search(r"(\d+) requests in", open(wrk).read()).group(1)))
+rows = []
+for line in open(stats):
+    m = re.match(r"cmdstat_(\S+):calls=(\d+),usec=(\d+)", line)
+    if m and m.group(1) not in ("config|resetstat", "config"):
+        rows.append((int(m.group(2)), m.group(1), int(m.group(3))))
+rows.sort(reverse=True)
+tot = sum(r[0] for r in rows) / n
+us = sum(r[2] for r in rows) / n
+print(f"  redis {name}: {tot:.1f} commands, {us:.1f} us (commandstats) per request: "
+      + ", ".join(f"{c} {k / n:.2f}" for k, c, _ in rows[:14]))
+PY3
+    fi
 }
 
 ngx="http://127.0.0.1:$ngx_port/_matrix/client/v3"

@@ -289,6 +289,70 @@ async fn reuse_revocation_on_one_replica_is_refused_on_the_other_within_100ms() 
     );
 }
 
+/// An access token superseded twice loses its full record (only the newest superseded one
+/// keeps it, store/lua/common.lua `consume_refresh`): a rotation on A deletes the record of a
+/// token B holds in its cache, and B refuses it (401, soft logout) within the limit. Rotations
+/// of tokens nobody looked up publish nothing.
+#[tokio::test]
+async fn a_token_superseded_twice_on_one_replica_is_refused_on_the_other_within_100ms() {
+    let pair = Pair::start("").await;
+    pair.in_service().await;
+    let refresh = |rt: String| {
+        let client = pair.client.clone();
+        let a = &pair.a;
+        async move {
+            let r = post(
+                &client,
+                a,
+                "/_matrix/client/v3/refresh",
+                None,
+                json!({"refresh_token": rt}),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{:?}", r.json());
+            r.json()
+        }
+    };
+    let mut worst = Duration::ZERO;
+    for i in 0..5 {
+        let v = pair.login(&format!("superseded{i}")).await;
+        let token = at(&v);
+        warm(&pair, &token).await;
+        // Two rotations: the first token is now the newest superseded one, still valid.
+        let v1 = refresh(rt(&v)).await;
+        let v2 = refresh(rt(&v1)).await;
+        assert_eq!(whoami(&pair.client, &pair.b.url(), &token).await, 200);
+        let rt2 = rt(&v2);
+        let delay = revocation_delay(&pair, &token, async move {
+            // The third supersedes the second token and deletes the first one's record.
+            refresh(rt2).await;
+        })
+        .await;
+        worst = worst.max(delay);
+        // Soft logout, as for any superseded token: the client refreshes.
+        let r = pair
+            .client
+            .request(
+                http::Request::builder()
+                    .uri(format!("{}/_matrix/client/v3/account/whoami", pair.b.url()))
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(body(bytes::Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let b = http_body_util::BodyExt::collect(r.into_body()).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b.to_bytes()).unwrap();
+        assert_eq!(v["soft_logout"], true, "{v}");
+    }
+    eprintln!("worst delay (superseded token's record deleted on A, seen on B): {worst:?}");
+    assert!(
+        worst < LIMIT,
+        "B served a superseded token {worst:?} after its record was deleted on A"
+    );
+}
+
 /// B's invalidation connection is killed (`CLIENT KILL TYPE pubsub`) just before A logs out, so
 /// the revocation is published while B has no subscriber: the message is lost for B, which
 /// reconnects within milliseconds (before heartbeat silence could flush it). B must have

@@ -185,6 +185,9 @@ async fn sessions_in_the_index_of_earlier_versions_are_still_found_and_moved() {
         h.redis.cli(&["HDEL", &d, &tag]);
         h.redis
             .cli(&["HSET", &legacy, &tag, &format!("{device}\n9999999999999")]);
+        // Earlier versions kept no record of their keys' expiry (`sx`), so their sessions'
+        // first refresh extends the keys and indexes the session anew.
+        h.redis.cli(&["HDEL", &format!("mrp:{{{tag}}}:s"), "sx"]);
     }
     assert_eq!(index_len(&h), (1, 1));
     // A refresh moves its session to the new index.
@@ -205,4 +208,95 @@ async fn sessions_in_the_index_of_earlier_versions_are_still_found_and_moved() {
     assert_eq!(sessions_alive(&h), 0);
     assert_eq!(h.redis.cli(&["EXISTS", &legacy]).trim(), "0");
     assert_eq!(index_len(&h), (0, 0));
+}
+
+/// Redis `TIME` in ms.
+fn redis_now_ms(h: &Harness) -> i64 {
+    let t = h.redis.cli(&["TIME"]);
+    let mut it = t.lines().map(|l| l.trim().parse::<i64>().unwrap());
+    let (s, us) = (it.next().unwrap(), it.next().unwrap());
+    s * 1000 + us / 1000
+}
+
+/// The one session's key names (`mrp:{T}:s`) and its entry's score in the user index, with the
+/// PTTL of every fixed key of the session (ms).
+fn index_and_keys(h: &Harness) -> (i64, Vec<(String, i64)>) {
+    let keys: Vec<String> = h
+        .redis
+        .cli(&["--scan", "--pattern", "mrp:{*}:*"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let s = keys.iter().find(|k| k.ends_with(":s")).expect("session key");
+    let tag = &s[s.find('{').unwrap() + 1..s.find('}').unwrap()];
+    let z = format!("mrp:us:{{{USER}}}");
+    let score: i64 = h.redis.cli(&["ZSCORE", &z, tag]).trim().parse().unwrap();
+    let ttls = keys
+        .iter()
+        .map(|k| {
+            let t = h.redis.cli(&["PTTL", k]).trim().parse::<i64>().unwrap();
+            (k.clone(), t)
+        })
+        .collect();
+    (score, ttls)
+}
+
+fn assert_index_outlives_keys(h: &Harness) -> i64 {
+    let now = redis_now_ms(h);
+    let (score, ttls) = index_and_keys(h);
+    let session_ttl = ttls.iter().find(|(k, _)| k.ends_with(":s")).unwrap().1;
+    for (k, ttl) in &ttls {
+        assert!(*ttl > 0, "{k} has no TTL");
+        assert!(
+            score >= now + ttl,
+            "index entry (until {score}) ends before {k} (until {})",
+            now + ttl
+        );
+    }
+    session_ttl
+}
+
+fn evalsha_calls(h: &Harness) -> u64 {
+    commandstats(h).get("evalsha").map_or(0, |c| c.0)
+}
+
+/// `/logout/all` finds sessions through the user index, so the index entry must outlive every
+/// key of the session. A refresh extends the session's keys, and then the index entry, only once
+/// their recorded expiry falls short of the new records (an eighth of their lifetime at a time,
+/// store/lua/common.lua `slack`): most refreshes touch neither.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_index_outlives_the_session_keys_whenever_a_refresh_extends_them() {
+    let h = Harness::with(opts(), false).await;
+    let v = h.login("alice").await;
+    let first = assert_index_outlives_keys(&h);
+    h.redis.cli(&["CONFIG", "RESETSTAT"]);
+    let v = h.refresh(&rt(&v)).await.json();
+    assert_eq!(evalsha_calls(&h), 2, "peek and rotate, no index upkeep");
+    assert_index_outlives_keys(&h);
+
+    // Refresh tokens that live much longer from now on: the next rotation's records outlive
+    // the session's keys, which are extended, and the index with them.
+    let path = h.proxy.config_path();
+    let original = std::fs::read_to_string(&path).unwrap();
+    let edited = original.replace("refresh_token_lifetime: \"7d\"", "refresh_token_lifetime: \"60d\"");
+    assert_ne!(edited, original);
+    std::fs::write(&path, &edited).unwrap();
+    h.proxy.signal("HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !h.proxy.logs().contains("token lifetimes reloaded") {
+        assert!(std::time::Instant::now() < deadline, "no reload");
+    }
+    h.redis.cli(&["CONFIG", "RESETSTAT"]);
+    let v = h.refresh(&rt(&v)).await.json();
+    assert_eq!(evalsha_calls(&h), 3, "peek, rotate and the index extension");
+    let extended = assert_index_outlives_keys(&h);
+    assert!(
+        extended > first + 50 * 24 * 3600 * 1000,
+        "session keys not extended: {first} -> {extended} ms"
+    );
+    // And the next one is inside the new slack again.
+    h.redis.cli(&["CONFIG", "RESETSTAT"]);
+    h.refresh(&rt(&v)).await;
+    assert_eq!(evalsha_calls(&h), 2);
+    assert_index_outlives_keys(&h);
 }

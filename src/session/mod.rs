@@ -144,8 +144,9 @@ pub struct Issued {
     /// The store's now (Redis `TIME` + offset).
     pub now: Millis,
     pub access_expires_at: Millis,
-    /// How long the records are kept.
-    pub ttl: Duration,
+    /// Set when the write extended the session's keys: the user index must then live at least
+    /// this long (the index must outlive the session, or `/logout/all` would miss it).
+    pub index_ttl: Option<Duration>,
 }
 
 impl Issued {
@@ -598,11 +599,12 @@ impl<S: TokenStore> Sessions<S> {
                     };
                     match self.store.rotate(sid, &id, &rotation, offset).await? {
                         RotateResult::Committed(issued) => {
-                            // Best effort: the index only needs to outlive the session.
-                            if let Err(e) = self
-                                .store
-                                .index_session(&info, sid, issued.ttl, offset)
-                                .await
+                            // Only when the session's keys were extended (an eighth of their
+                            // lifetime at a time, store/lua/common.lua `slack`): most rotations
+                            // leave the index alone. Best effort: the next rotation retries.
+                            if let Some(ttl) = issued.index_ttl
+                                && let Err(e) =
+                                    self.store.index_session(&info, sid, ttl, offset).await
                             {
                                 tracing::warn!(error = %e, "could not extend the user index TTL");
                             }

@@ -7,9 +7,9 @@
 //!
 //! | key | type | fields / members | TTL |
 //! |---|---|---|---|
-//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms, `lr` last refresh ms (0 none yet), `aexp` current access expiry ms, `rexp` current refresh idle expiry ms (0 none), `sa` id of the newest superseded access token still held in full, `ue` the upstream token sealed under the server key (only with `admin.upstream_key_file`, [`crate::session::escrow`]) | longest of its records |
-//! | `mrp:{T}:a:<id>` | hash | `ut` sealed upstream token, `exp` expiry ms, `used` 0/1, `prev` predecessor refresh id | as the session; superseded: expiry + 1 h, and deleted once a newer one is superseded |
-//! | `mrp:{T}:r:<id>` | hash | `st` live/rotated, `ut` sealed upstream token (live only), `exp` idle expiry ms (0 none), `at` paired access id, `prev` predecessor refresh id, `next` sealed successor pair and `natexp` its access expiry (rotated only) | idle expiry + 24 h; rotated: deleted when its grace ends |
+//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms, `lr` last refresh ms (0 none yet), `aexp` current access expiry ms, `rexp` current refresh idle expiry ms (0 none), `sa` id of the newest superseded access token still held in full, `sx` when the session's fixed keys (`s`, `k`, `x`, `used`) expire (Redis `TIME`, no offset: they are extended only when a rotation's records would outlive them, by an eighth of the TTL at most a day more, and the user index with them), `ue` the upstream token sealed under the server key (only with `admin.upstream_key_file`, [`crate::session::escrow`]) | longest of its records |
+//! | `mrp:{T}:a:<id>` | hash | `ut` sealed upstream token, `exp` expiry ms, `used` 0/1, `prev` predecessor refresh id, `seen` 1 once looked up while expired (a cache may hold it: its deletion is published) | as the session; superseded: expiry + 1 h, and deleted once a newer one is superseded |
+//! | `mrp:{T}:r:<id>` | hash | `st` live/rotated, `ut` sealed upstream token (live only), `exp` idle expiry ms (0 none), `at` paired access id, `aexp` its expiry ms, `prev` predecessor refresh id, `next` sealed successor pair and `natexp` its access expiry (rotated only) | idle expiry + 24 h; rotated: deleted when its grace ends |
 //! | `mrp:{T}:k` | zset | names of the session's live token keys (`a:`, `r:`), scored by their expiry; a name leaves when its key is deleted, and is rescored when its TTL is shortened | as the session |
 //! | `mrp:{T}:x` | zset | markers of superseded access tokens: the first 22 characters of the id, scored by its expiry; the 16 newest, each until expiry + 1 h (answers soft logout once the full record is gone) | as the session |
 //! | `mrp:{T}:used` | zset | the first 22 characters of the ids of the 64 latest refresh tokens whose grace ended (reuse detection) | as the session |
@@ -303,14 +303,15 @@ fn grace(mut rest: std::vec::IntoIter<Value>) -> Result<RefreshRecord, StoreErro
 }
 
 /// `{now, access expiry, ttl}` of `create.lua` and `rotate.lua`.
+/// `{now, access expiry, index ttl ms (0 = none)}` of create and rotate.
 fn issued(mut rest: std::vec::IntoIter<Value>) -> Result<Issued, StoreError> {
     let now = number(rest.next().ok_or_else(short)?)?;
     let access_expires_at = number(rest.next().ok_or_else(short)?)?;
-    let ttl = number(rest.next().ok_or_else(short)?)?;
+    let index_ttl = number(rest.next().ok_or_else(short)?)?;
     Ok(Issued {
         now,
         access_expires_at,
-        ttl: Duration::from_millis(ttl),
+        index_ttl: (index_ttl > 0).then(|| Duration::from_millis(index_ttl)),
     })
 }
 

@@ -21,8 +21,10 @@ end
 
 -- A whole number as text, printed in full (ms since the epoch exceed tostring()'s 14 digits,
 -- and a number handed to redis.call could be printed with an exponent).
+-- '%d' (a C long) rather than '%.0f': floating-point printing was a visible cost in Redis'
+-- profile of a rotation.
 local function int(x)
-  return string.format('%.0f', x)
+  return string.format('%d', x)
 end
 
 -- The expiries of a new access/refresh pair issued at `now` in a session ending at `ends`
@@ -72,6 +74,31 @@ local function extend(key, ttl)
   end
 end
 
+-- Session keys are extended with some slack, so that a refresh does not have to touch every
+-- TTL (and the user index) each time: an eighth of the TTL, at most a day. The session hash
+-- remembers in `sx` when its keys expire (Redis clock, no offset), and a rotation extends them
+-- only once that is too early for the new records (`extend_session`).
+local function slack(ttl)
+  return math.min(math.floor(tonumber(ttl) / 8), 86400000)
+end
+
+-- Makes the session's fixed keys (`s`, `k`, `used`, `x`) live at least `ttl` ms from now,
+-- when `sx` (their recorded expiry) falls short. Returns the TTL the user index must at least
+-- have (the keys' new one), or 0 when nothing changed.
+local function extend_session(prefix, ttl, sx)
+  local need = real_now + tonumber(ttl)
+  if (tonumber(sx) or 0) >= need then
+    return 0
+  end
+  local target = need + slack(ttl)
+  local keep = target - real_now
+  for _, name in ipairs({'s', 'k', 'used', 'x'}) do
+    extend(prefix .. name, keep)
+  end
+  redis.call('HSET', prefix .. 's', 'sx', int(target))
+  return keep
+end
+
 -- Whether a refresh token can no longer be used: its idle expiry or its session's absolute end
 -- (both ms, 0 = none) has passed at `now` (Redis clock). The spec leaves the answer open; the
 -- proxy answers 403 M_FORBIDDEN, as Synapse (DESIGN.md "/refresh").
@@ -100,52 +127,63 @@ end
 -- its expiry plus `retention`, and only the newest of them keeps its full record (so it still works until its own expiry, and
 -- can still log out once expired).
 -- The index `k` follows every deletion and TTL change, so it names only live keys.
-local function consume_refresh(prefix, rtid, now, used_key, session_key, retention)
+-- `sa_sx`: the session's fields `sa` and `sx` when the caller read them, else nil. Returns the
+-- new value of the session's field `sa` (the caller writes it) or nil.
+local function consume_refresh(prefix, rtid, now, used_key, session_key, retention, sa_sx)
   local rkey = prefix .. 'r:' .. rtid
-  local r = redis.call('HMGET', rkey, 'st', 'at')
+  local r = redis.call('HMGET', rkey, 'st', 'at', 'aexp')
   if r[1] ~= 'rotated' then
-    return
+    return nil
   end
   local index_key = prefix .. 'k'
   local marker_key = prefix .. 'x'
   retention = tonumber(retention)
-  redis.call('DEL', rkey)
-  redis.call('ZREM', index_key, rkey)
+  local s = sa_sx or redis.call('HMGET', session_key, 'sa', 'sx')
+  -- When the session's fixed keys expire (Redis clock): the sets written here live as long.
+  -- (Sessions of earlier versions have no `sx`: their TTL is read.)
+  local sx = tonumber(s[2])
+  if not sx or sx <= real_now then
+    sx = real_now + math.max(redis.call('PTTL', session_key), 0)
+  end
+  local gone = {rkey}
   redis.call('ZADD', used_key, int(now), short_id(rtid))
   redis.call('ZREMRANGEBYRANK', used_key, 0, -(USED + 1))
-  local sttl = redis.call('PTTL', session_key)
+  redis.call('PEXPIREAT', used_key, int(sx))
+  local sa = nil
   if r[2] then
     local akey = prefix .. 'a:' .. r[2]
-    local aexp = tonumber(redis.call('HGET', akey, 'exp'))
+    -- The paired access token's expiry, kept in the refresh record (records of earlier
+    -- versions: read from the access record).
+    local aexp = tonumber(r[3]) or tonumber(redis.call('HGET', akey, 'exp'))
     if aexp then
+      -- Kept until its expiry + retention (it still works until its expiry), never longer.
       local ttl = math.max(aexp - now, 0) + retention
-      local cur = redis.call('PTTL', akey)
-      if cur < 0 or ttl < cur then
-        redis.call('PEXPIRE', akey, int(ttl))
+      if redis.call('PEXPIRE', akey, int(ttl)) == 1 then
         redis.call('ZADD', index_key, int(real_now + ttl), akey)
       end
-      redis.call('ZADD', marker_key, aexp, short_id(r[2]))
-      -- Markers past their retention answer nothing any more (as a gone record).
-      redis.call('ZREMRANGEBYSCORE', marker_key, '-inf', int(now - retention))
-      -- Only the newest superseded token keeps its full record (field `sa` of the session).
-      local older = redis.call('HGET', session_key, 'sa')
-      if older and older ~= r[2] then
-        local okey = prefix .. 'a:' .. older
-        redis.call('DEL', okey)
-        redis.call('ZREM', index_key, okey)
-        -- A replica may still hold it as valid: from now on it answers soft logout.
-        invalidate(session_key)
-      end
-      redis.call('HSET', session_key, 'sa', r[2])
+      -- Markers answer soft logout until their score (the token's expiry) + retention; the
+      -- lookup compares, and the set is capped, so expired ones need no removal here.
+      redis.call('ZADD', marker_key, int(aexp), short_id(r[2]))
       redis.call('ZREMRANGEBYRANK', marker_key, 0, -(MARKERS + 1))
+      redis.call('PEXPIREAT', marker_key, int(sx))
+      -- Only the newest superseded token keeps its full record (field `sa` of the session).
+      local older = s[1]
+      if older and older ~= '' and older ~= r[2] then
+        local okey = prefix .. 'a:' .. older
+        local o = redis.call('HMGET', okey, 'used', 'seen')
+        gone[2] = okey
+        -- A replica may still hold it as valid: from now on it answers soft logout. Only a
+        -- token that was ever looked up can be in a replica's cache (`used` / `seen`).
+        if o[1] == '1' or o[2] == '1' then
+          invalidate(session_key)
+        end
+      end
+      sa = r[2]
     end
   end
-  if sttl > 0 then
-    redis.call('PEXPIRE', used_key, sttl)
-    if redis.call('EXISTS', marker_key) == 1 then
-      redis.call('PEXPIRE', marker_key, sttl)
-    end
-  end
+  redis.call('DEL', unpack(gone))
+  redis.call('ZREM', index_key, unpack(gone))
+  return sa
 end
 
 -- Deletes every key of a session. Returns {user, device} or {}.

@@ -5,24 +5,28 @@
 --       8 refresh idle lifetime ms (0 = none), 9 session lifetime ms (0 = none),
 --       10 retention after expiry ms, 11 idle cap ms (refresh tokens without idle limit),
 --       12 upstream token sealed under the server key (field `ue`; '' = none, no field)
--- Returns {now, access expiry, record ttl} (ms, as text).
+-- Returns {now, access expiry, '0'} (ms, as text; the third as rotate.lua's index ttl).
 local now = clock(ARGV[3])
 local ends = 0
 if tonumber(ARGV[9]) > 0 then
   ends = now + tonumber(ARGV[9])
 end
 local aexp, rexp, ttl = pair_times(now, ends, ARGV[7], ARGV[8], ARGV[11], ARGV[10])
+-- The session's fixed keys live a little longer than its records (`slack`), so that most
+-- rotations need not extend them; `sx` is when they expire (Redis clock).
+local keep = ttl + slack(ttl)
 redis.call('HSET', KEYS[1], 'u', ARGV[1], 'd', ARGV[2], 'end', int(ends), 'c', int(now),
-  'lr', '0', 'aexp', int(aexp), 'rexp', int(rexp))
+  'lr', '0', 'aexp', int(aexp), 'rexp', int(rexp), 'sx', int(real_now + keep))
 if ARGV[12] ~= '' then
   redis.call('HSET', KEYS[1], 'ue', ARGV[12])
 end
-redis.call('PEXPIRE', KEYS[1], int(ttl))
+redis.call('PEXPIRE', KEYS[1], int(keep))
 redis.call('HSET', KEYS[2], 'ut', ARGV[4], 'exp', int(aexp), 'used', '0', 'prev', '')
 redis.call('PEXPIRE', KEYS[2], int(ttl))
 redis.call('HSET', KEYS[3], 'st', 'live', 'ut', ARGV[5], 'exp', int(rexp), 'at', ARGV[6],
-  'prev', '')
+  'prev', '', 'aexp', int(aexp))
 redis.call('PEXPIRE', KEYS[3], int(ttl))
 redis.call('ZADD', KEYS[4], int(real_now + ttl), KEYS[2], int(real_now + ttl), KEYS[3])
-redis.call('PEXPIRE', KEYS[4], int(ttl))
-return {int(now), int(aexp), int(ttl)}
+redis.call('PEXPIRE', KEYS[4], int(keep))
+-- The user index was written first, for this TTL (Sessions::mint): nothing to extend.
+return {int(now), int(aexp), '0'}

@@ -6,12 +6,15 @@
 -- longest session. They share the user's hash tag (one cluster slot), never a session's.
 -- KEYS: 1 user index (zset `mrp:us:{user}`), 2 devices (hash `mrp:ud:{user}`),
 --       3 the index of earlier versions (hash `mrp:u:{user}`)
--- ARGV: 1 session tag, 2 device id, 3 ttl ms, 4 clock offset ms
+-- ARGV: 1 session tag, 2 device id, 3 ttl ms of the session's records, 4 clock offset ms
 local PRUNE = 8
 clock(ARGV[4])
 -- Scores mirror the session keys' TTLs: Redis' own clock, without the offset.
 local now = real_now
+-- A session's fixed keys live up to `slack` past its records; the index outlives them, with an
+-- hour to spare for clock differences between Redis nodes after a failover.
 local ttl = tonumber(ARGV[3])
+ttl = ttl + slack(ttl) + 3600000
 -- Never shortened: a session's keys only ever get longer TTLs.
 local cur = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
 if not cur or cur < now + ttl then

@@ -8,7 +8,7 @@
 -- answer computes validity from them with its own measured offset to Redis.)
 local now = clock(ARGV[1])
 local retention = tonumber(ARGV[3])
-local a = redis.call('HMGET', KEYS[1], 'ut', 'exp', 'used', 'prev')
+local a = redis.call('HMGET', KEYS[1], 'ut', 'exp', 'used', 'prev', 'seen')
 if not a[1] then
   -- A superseded token whose full record is gone: only its marker (scored by the token's
   -- expiry) is left, and answers soft logout until expiry + retention (spec "Soft logout").
@@ -30,12 +30,20 @@ local exp = tonumber(a[2])
 -- Spec "Refreshing access tokens": an expired access token gets M_UNKNOWN_TOKEN with
 -- soft_logout: true (the caller answers it; the record stays for /logout).
 local status = 'expired'
-if now < exp then
+if now >= exp then
+  -- A cache may hold what it was told: its deletion must then be published (consume_refresh).
+  if a[3] ~= '1' and a[5] ~= '1' then
+    redis.call('HSET', KEYS[1], 'seen', '1')
+  end
+else
   status = 'valid'
   if a[3] == '0' then
     redis.call('HSET', KEYS[1], 'used', '1')
     if a[4] and a[4] ~= '' then
-      consume_refresh(ARGV[2], a[4], now, KEYS[3], KEYS[2], retention)
+      local sa = consume_refresh(ARGV[2], a[4], now, KEYS[3], KEYS[2], retention, nil)
+      if sa then
+        redis.call('HSET', KEYS[2], 'sa', sa)
+      end
     end
   end
 end

@@ -7,11 +7,12 @@
 --       5 access sealed, 6 refresh sealed, 7 sealed successor, 8 key prefix,
 --       9 superseded access retention ms, 10 access lifetime ms,
 --       11 refresh idle lifetime ms (0 = none), 12 retention after expiry ms, 13 idle cap ms
--- Returns {'ok', now, access expiry, record ttl} | {'gone'} | {'expired'}
+-- Returns {'ok', now, access expiry, index ttl} | {'gone'} | {'expired'}
+--       (index ttl: the TTL the user index must at least have now, 0 = unchanged)
 --       | {'grace', sealed successor, successor access expiry, now}
 local now = clock(ARGV[1])
 local r = redis.call('HMGET', KEYS[1], 'st', 'exp', 'prev', 'next', 'natexp')
-local s = redis.call('HMGET', KEYS[2], 'u', 'end')
+local s = redis.call('HMGET', KEYS[2], 'u', 'end', 'sx', 'sa')
 if not s[1] or not r[1] then
   return {'gone'}
 end
@@ -29,20 +30,23 @@ local aexp, rexp, ttl = pair_times(now, s[2], ARGV[10], ARGV[11], ARGV[13], ARGV
 redis.call('HSET', KEYS[5], 'ut', ARGV[5], 'exp', int(aexp), 'used', '0', 'prev', ARGV[2])
 redis.call('PEXPIRE', KEYS[5], int(ttl))
 redis.call('HSET', KEYS[6], 'st', 'live', 'ut', ARGV[6], 'exp', int(rexp), 'at', ARGV[3],
-  'prev', ARGV[2])
+  'prev', ARGV[2], 'aexp', int(aexp))
 redis.call('PEXPIRE', KEYS[6], int(ttl))
-redis.call('HSET', KEYS[1], 'st', 'rotated', 'next', ARGV[7], 'natexp', int(aexp))
-redis.call('HDEL', KEYS[1], 'ut')
--- Read by the admin API: last refresh and the current pair's expiries.
-redis.call('HSET', KEYS[2], 'lr', int(now), 'aexp', int(aexp), 'rexp', int(rexp))
+-- Rotated: the sealed upstream token is no longer kept (`ut` emptied).
+redis.call('HSET', KEYS[1], 'st', 'rotated', 'next', ARGV[7], 'natexp', int(aexp), 'ut', '')
 -- Using this refresh token ends the grace of the one before it.
+local sa = nil
 if r[3] and r[3] ~= '' then
-  consume_refresh(ARGV[8], r[3], now, KEYS[4], KEYS[2], ARGV[9])
+  sa = consume_refresh(ARGV[8], r[3], now, KEYS[4], KEYS[2], ARGV[9], {s[4], s[3]})
+end
+-- Read by the admin API: last refresh and the current pair's expiries.
+if sa then
+  redis.call('HSET', KEYS[2], 'lr', int(now), 'aexp', int(aexp), 'rexp', int(rexp), 'sa', sa)
+else
+  redis.call('HSET', KEYS[2], 'lr', int(now), 'aexp', int(aexp), 'rexp', int(rexp))
 end
 redis.call('ZADD', KEYS[3], int(real_now + ttl), KEYS[5], int(real_now + ttl), KEYS[6])
 -- Index entries of keys whose TTL has passed are dead weight.
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', int(real_now))
-extend(KEYS[2], ttl)
-extend(KEYS[3], ttl)
-extend(KEYS[4], ttl)
-return {'ok', int(now), int(aexp), int(ttl)}
+local reindex = extend_session(ARGV[8], ttl, s[3])
+return {'ok', int(now), int(aexp), int(reindex)}
