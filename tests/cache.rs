@@ -342,7 +342,9 @@ async fn a_token_superseded_twice_on_one_replica_is_refused_on_the_other_within_
             .await
             .unwrap();
         assert_eq!(r.status(), 401);
-        let b = http_body_util::BodyExt::collect(r.into_body()).await.unwrap();
+        let b = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&b.to_bytes()).unwrap();
         assert_eq!(v["soft_logout"], true, "{v}");
     }

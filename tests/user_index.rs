@@ -227,7 +227,10 @@ fn index_and_keys(h: &Harness) -> (i64, Vec<(String, i64)>) {
         .lines()
         .map(str::to_owned)
         .collect();
-    let s = keys.iter().find(|k| k.ends_with(":s")).expect("session key");
+    let s = keys
+        .iter()
+        .find(|k| k.ends_with(":s"))
+        .expect("session key");
     let tag = &s[s.find('{').unwrap() + 1..s.find('}').unwrap()];
     let z = format!("mrp:us:{{{USER}}}");
     let score: i64 = h.redis.cli(&["ZSCORE", &z, tag]).trim().parse().unwrap();
@@ -278,7 +281,10 @@ async fn the_index_outlives_the_session_keys_whenever_a_refresh_extends_them() {
     // the session's keys, which are extended, and the index with them.
     let path = h.proxy.config_path();
     let original = std::fs::read_to_string(&path).unwrap();
-    let edited = original.replace("refresh_token_lifetime: \"7d\"", "refresh_token_lifetime: \"60d\"");
+    let edited = original.replace(
+        "refresh_token_lifetime: \"7d\"",
+        "refresh_token_lifetime: \"60d\"",
+    );
     assert_ne!(edited, original);
     std::fs::write(&path, &edited).unwrap();
     h.proxy.signal("HUP");
