@@ -411,6 +411,10 @@ rss_after=$(rss "$proxy_pid")
 # BENCH_RESULTS=FILE: keep the raw rows (case rps p50 p99 non2xx server_us redis_us upstream_us).
 [[ -z "${BENCH_RESULTS:-}" ]] || cp "$results" "$BENCH_RESULTS"
 echo "  load after: $(uptime)" >&2
+# The token cache of the measured proxy over the whole run: a bypass is a lookup made while the
+# invalidation channel was not proven live (heartbeat older than cache.liveness_timeout).
+echo "  token cache lookups: $(curl -fs "http://127.0.0.1:$admin_port/metrics" |
+    awk '/^mrp_token_cache_lookups_total/ {sub(/.*result="/, ""); sub(/"}/, ""); printf "%s ", $0}')" >&2
 
 python3 - "$results" "$rss_idle" "$rss_after" "$(nginx -v 2>&1 | sed 's/.*\///')" <<'PY'
 import statistics, sys
