@@ -555,13 +555,15 @@ pub async fn handle(
     no_store(res)
 }
 
-/// Keeps `mrp_sessions_alive` sampled: one `SCAN` pass every `every` (never per scrape).
-pub async fn sample_sessions_alive(app: std::sync::Arc<App>, every: Duration) {
+/// Keeps `mrp_sessions_alive` sampled: one paced `SCAN` pass (a step of 1,000 keys every
+/// `pace`) starting every `every`, or as soon as the previous pass ends when it took longer
+/// (never per scrape).
+pub async fn sample_sessions_alive(app: std::sync::Arc<App>, every: Duration, pace: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match app.redis.count_sessions().await {
+        match app.redis.count_sessions_paced(Some(pace)).await {
             Ok(n) => app.metrics.set_sessions_alive(n),
             Err(e) => tracing::debug!(error = %e, "sessions_alive sample failed"),
         }
