@@ -7,11 +7,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use matrix_refresh_proxy::config::Config;
 
-/// mimalloc: glibc's malloc/free were 8-11 % of the proxy's CPU on every path (perf, issue 11),
-/// most of it small short-lived buffers freed on the thread that made them, mimalloc's best case.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Matrix refresh tokens (spec v1.3) in front of homeservers without them.
 #[derive(Parser)]
 #[command(version, about)]

@@ -127,18 +127,23 @@ end
 -- its expiry plus `retention`, and only the newest of them keeps its full record (so it still works until its own expiry, and
 -- can still log out once expired).
 -- The index `k` follows every deletion and TTL change, so it names only live keys.
--- `sa_sx`: the session's fields `sa` and `sx` when the caller read them, else nil. Returns the
--- new value of the session's field `sa` (the caller writes it) or nil.
+-- `sa_sx`: the session's fields `sa`, `sx` and `ux` when the caller read them, else nil.
+-- Returns the fields of the session hash to write (field, value, ...; the caller writes them
+-- with its own HSET): `sa`, and `ux` once the two sets have their TTL.
 local function consume_refresh(prefix, rtid, now, used_key, session_key, retention, sa_sx)
   local rkey = prefix .. 'r:' .. rtid
   local r = redis.call('HMGET', rkey, 'st', 'at', 'aexp')
   if r[1] ~= 'rotated' then
-    return nil
+    return {}
   end
   local index_key = prefix .. 'k'
   local marker_key = prefix .. 'x'
   retention = tonumber(retention)
-  local s = sa_sx or redis.call('HMGET', session_key, 'sa', 'sx')
+  local s = sa_sx or redis.call('HMGET', session_key, 'sa', 'sx', 'ux')
+  -- `ux`: the sets `used` and `x` exist and have a TTL (set once here, when they are made;
+  -- `extend_session` extends them with the session's other fixed keys).
+  local ttl_set = s[3] == '1'
+  local out = {}
   -- When the session's fixed keys expire (Redis clock): the sets written here live as long.
   -- (Sessions of earlier versions have no `sx`: their TTL is read.)
   local sx = tonumber(s[2])
@@ -148,8 +153,9 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
   local gone = {rkey}
   redis.call('ZADD', used_key, int(now), short_id(rtid))
   redis.call('ZREMRANGEBYRANK', used_key, 0, -(USED + 1))
-  redis.call('PEXPIREAT', used_key, int(sx))
-  local sa = nil
+  if not ttl_set then
+    redis.call('PEXPIREAT', used_key, int(sx))
+  end
   if r[2] then
     local akey = prefix .. 'a:' .. r[2]
     -- The paired access token's expiry, kept in the refresh record (records of earlier
@@ -165,7 +171,11 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
       -- lookup compares, and the set is capped, so expired ones need no removal here.
       redis.call('ZADD', marker_key, int(aexp), short_id(r[2]))
       redis.call('ZREMRANGEBYRANK', marker_key, 0, -(MARKERS + 1))
-      redis.call('PEXPIREAT', marker_key, int(sx))
+      if not ttl_set then
+        redis.call('PEXPIREAT', marker_key, int(sx))
+        out[#out + 1] = 'ux'
+        out[#out + 1] = '1'
+      end
       -- Only the newest superseded token keeps its full record (field `sa` of the session).
       local older = s[1]
       if older and older ~= '' and older ~= r[2] then
@@ -178,12 +188,13 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
           invalidate(session_key)
         end
       end
-      sa = r[2]
+      out[#out + 1] = 'sa'
+      out[#out + 1] = r[2]
     end
   end
   redis.call('DEL', unpack(gone))
   redis.call('ZREM', index_key, unpack(gone))
-  return sa
+  return out
 end
 
 -- Deletes every key of a session. Returns {user, device} or {}.

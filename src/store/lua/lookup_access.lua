@@ -40,9 +40,9 @@ else
   if a[3] == '0' then
     redis.call('HSET', KEYS[1], 'used', '1')
     if a[4] and a[4] ~= '' then
-      local sa = consume_refresh(ARGV[2], a[4], now, KEYS[3], KEYS[2], retention, nil)
-      if sa then
-        redis.call('HSET', KEYS[2], 'sa', sa)
+      local fields = consume_refresh(ARGV[2], a[4], now, KEYS[3], KEYS[2], retention, nil)
+      if #fields > 0 then
+        redis.call('HSET', KEYS[2], unpack(fields))
       end
     end
   end

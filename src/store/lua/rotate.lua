@@ -12,7 +12,7 @@
 --       | {'grace', sealed successor, successor access expiry, now}
 local now = clock(ARGV[1])
 local r = redis.call('HMGET', KEYS[1], 'st', 'exp', 'prev', 'next', 'natexp')
-local s = redis.call('HMGET', KEYS[2], 'u', 'end', 'sx', 'sa')
+local s = redis.call('HMGET', KEYS[2], 'u', 'end', 'sx', 'sa', 'ux')
 if not s[1] or not r[1] then
   return {'gone'}
 end
@@ -34,17 +34,16 @@ redis.call('HSET', KEYS[6], 'st', 'live', 'ut', ARGV[6], 'exp', int(rexp), 'at',
 redis.call('PEXPIRE', KEYS[6], int(ttl))
 -- Rotated: the sealed upstream token is no longer kept (`ut` emptied).
 redis.call('HSET', KEYS[1], 'st', 'rotated', 'next', ARGV[7], 'natexp', int(aexp), 'ut', '')
--- Using this refresh token ends the grace of the one before it.
-local sa = nil
-if r[3] and r[3] ~= '' then
-  sa = consume_refresh(ARGV[8], r[3], now, KEYS[4], KEYS[2], ARGV[9], {s[4], s[3]})
-end
 -- Read by the admin API: last refresh and the current pair's expiries.
-if sa then
-  redis.call('HSET', KEYS[2], 'lr', int(now), 'aexp', int(aexp), 'rexp', int(rexp), 'sa', sa)
-else
-  redis.call('HSET', KEYS[2], 'lr', int(now), 'aexp', int(aexp), 'rexp', int(rexp))
+local fields = {'lr', int(now), 'aexp', int(aexp), 'rexp', int(rexp)}
+-- Using this refresh token ends the grace of the one before it.
+if r[3] and r[3] ~= '' then
+  local more = consume_refresh(ARGV[8], r[3], now, KEYS[4], KEYS[2], ARGV[9], {s[4], s[3], s[5]})
+  for _, v in ipairs(more) do
+    fields[#fields + 1] = v
+  end
 end
+redis.call('HSET', KEYS[2], unpack(fields))
 redis.call('ZADD', KEYS[3], int(real_now + ttl), KEYS[5], int(real_now + ttl), KEYS[6])
 -- Index entries of keys whose TTL has passed are dead weight.
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', int(real_now))
