@@ -65,7 +65,35 @@ async fn session_hash_rexp_is_zero_without_refresh_expiry() {
     assert!(field(&h, &s, "lr") > 0);
 }
 
-/// Keys, index names, index names without a key, and summed `MEMORY USAGE` of the one session.
+/// The session's keys that a purge finds from its hash, as `purge_session` in
+/// src/store/lua/common.lua walks them: the live refresh record (`cr`), each refresh record's
+/// `prev` and paired access record (`at`), the newest superseded access record (`sa`), and the
+/// fixed keys.
+fn reachable(h: &Harness, s: &str) -> Vec<String> {
+    let prefix = &s[..s.len() - 1];
+    let mut out = vec![s.to_owned(), format!("{prefix}used"), format!("{prefix}x")];
+    let hget = |k: &str, f: &str| h.redis.cli(&["HGET", k, f]).trim().to_owned();
+    let sa = hget(s, "sa");
+    if !sa.is_empty() {
+        out.push(format!("{prefix}a:{sa}"));
+    }
+    let mut rid = hget(s, "cr");
+    for _ in 0..4 {
+        if rid.is_empty() {
+            break;
+        }
+        let rkey = format!("{prefix}r:{rid}");
+        let at = hget(&rkey, "at");
+        if !at.is_empty() {
+            out.push(format!("{prefix}a:{at}"));
+        }
+        rid = hget(&rkey, "prev");
+        out.push(rkey);
+    }
+    out
+}
+
+/// Keys, keys a purge finds, keys it would miss, and summed `MEMORY USAGE` of the one session.
 fn footprint(h: &Harness) -> (usize, usize, usize, u64) {
     let s = session_key(h);
     let prefix = &s[..s.len() - 1];
@@ -80,13 +108,13 @@ fn footprint(h: &Harness) -> (usize, usize, usize, u64) {
         }
         bytes += n;
     }
-    let index = h.redis.cli(&["ZRANGE", &format!("{prefix}k"), "0", "-1"]);
-    let names: Vec<&str> = index.lines().collect();
-    let dangling = names
+    let found = reachable(h, &s);
+    let missed = keys
         .iter()
-        .filter(|n| h.redis.cli(&["EXISTS", n]).trim() != "1")
+        .filter(|k| !found.iter().any(|f| f == *k))
         .count();
-    (keys.len(), names.len(), dangling, bytes)
+    let found = keys.len() - missed;
+    (keys.len(), found, missed, bytes)
 }
 
 /// With `admin.upstream_key_file` a session also keeps the escrow copy of its upstream token
@@ -112,7 +140,7 @@ async fn session_state_with_upstream_key() {
     let ue: usize = ue.trim().parse().unwrap();
     let (keys, names, dangling, bytes) = footprint(&h);
     println!(
-        "after login, with upstream_key_file: {keys} keys, {names} index names ({dangling} dangling), {bytes} bytes (escrow field {ue} bytes)"
+        "after login, with upstream_key_file: {keys} keys, {names} found by a purge ({dangling} missed), {bytes} bytes (escrow field {ue} bytes)"
     );
     assert!(ue > 16, "escrow field: {ue} bytes");
     assert!(bytes <= 2048 + 128, "{bytes} bytes right after login");
@@ -144,7 +172,10 @@ async fn session_state_does_not_grow_with_refreshes() {
     .await;
     let v = h.login("alice").await;
     let (keys, names, dangling, bytes) = footprint(&h);
-    println!("after login: {keys} keys, {names} index names ({dangling} dangling), {bytes} bytes");
+    println!(
+        "after login: {keys} keys, {names} found by a purge ({dangling} missed), {bytes} bytes"
+    );
+    assert_eq!(dangling, 0, "keys a purge would miss after login");
     assert!(bytes <= 2048, "{bytes} bytes right after login");
     let mut rt_now = rt(&v);
     let mut old_at = Vec::new();
@@ -160,10 +191,10 @@ async fn session_state_does_not_grow_with_refreshes() {
         if [1, 10, 100, 1000].contains(&i) {
             let (keys, names, dangling, bytes) = footprint(&h);
             println!(
-                "after {i} refreshes: {keys} keys, {names} index names ({dangling} dangling), {bytes} bytes"
+                "after {i} refreshes: {keys} keys, {names} found by a purge ({dangling} missed), {bytes} bytes"
             );
             assert!(keys <= 8, "{keys} keys after {i} refreshes");
-            assert_eq!(dangling, 0, "index names missing keys after {i} refreshes");
+            assert_eq!(dangling, 0, "keys a purge would miss after {i} refreshes");
             assert!(bytes <= 8192, "{bytes} bytes after {i} refreshes");
         }
     }
@@ -183,4 +214,36 @@ async fn session_state_does_not_grow_with_refreshes() {
             .trim()
             .is_empty()
     );
+}
+
+/// Sessions written by earlier versions list their records in the key index `mrp:{T}:k` and
+/// have no `cr`: a logout still deletes every key of them.
+#[tokio::test]
+async fn a_session_of_an_earlier_version_is_purged_whole() {
+    let h = Harness::start().await;
+    let v = h.login("alice").await;
+    let n = h.refresh(&rt(&v)).await.json();
+    assert_eq!(h.whoami(&at(&n)).await.status, 200);
+    let s = session_key(&h);
+    let prefix = &s[..s.len() - 1];
+    // As an earlier version left it: no `cr`, the records named in `k`.
+    let keys = h.redis.cli(&["--scan", "--pattern", &format!("{prefix}*")]);
+    let index = format!("{prefix}k");
+    for k in keys
+        .lines()
+        .filter(|k| k.contains(":a:") || k.contains(":r:"))
+    {
+        h.redis.cli(&["ZADD", &index, "9999999999999", k]);
+    }
+    h.redis.cli(&["HDEL", &s, "cr", "sa"]);
+    let r = h
+        .post(
+            "/_matrix/client/v3/logout",
+            Some(&at(&n)),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let left = h.redis.cli(&["--scan", "--pattern", "mrp:{*"]);
+    assert!(left.trim().is_empty(), "left after logout: {left}");
 }

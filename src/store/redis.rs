@@ -7,10 +7,10 @@
 //!
 //! | key | type | fields / members | TTL |
 //! |---|---|---|---|
-//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms, `lr` last refresh ms (0 none yet), `aexp` current access expiry ms, `rexp` current refresh idle expiry ms (0 none), `sa` id of the newest superseded access token still held in full, `ux` 1 once `x` and `used` have their TTL, `sx` when the session's fixed keys (`s`, `k`, `x`, `used`) expire (Redis `TIME`, no offset: they are extended only when a rotation's records would outlive them, by an eighth of the TTL at most a day more, and the user index with them), `ue` the upstream token sealed under the server key (only with `admin.upstream_key_file`, [`crate::session::escrow`]) | longest of its records |
+//! | `mrp:{T}:s` | hash | `u` user id, `d` device id, `end` absolute end ms (0 none), `c` created ms, `lr` last refresh ms (0 none yet), `aexp` current access expiry ms, `rexp` current refresh idle expiry ms (0 none), `cr` id of the live refresh token, `sa` id of the newest superseded access token still held in full, `ux` 1 once `x` and `used` have their TTL, `sx` when the session's fixed keys (`s`, `x`, `used`) expire (Redis `TIME`, no offset: they are extended only when a rotation's records would outlive them, by an eighth of the TTL at most a day more, and the user index with them), `ue` the upstream token sealed under the server key (only with `admin.upstream_key_file`, [`crate::session::escrow`]) | longest of its records |
 //! | `mrp:{T}:a:<id>` | hash | `ut` sealed upstream token, `exp` expiry ms, `used` 0/1, `prev` predecessor refresh id, `seen` 1 once looked up while expired (a cache may hold it: its deletion is published) | as the session; superseded: expiry + 1 h, and deleted once a newer one is superseded |
 //! | `mrp:{T}:r:<id>` | hash | `st` live/rotated, `ut` sealed upstream token (live only), `exp` idle expiry ms (0 none), `at` paired access id, `aexp` its expiry ms, `prev` predecessor refresh id, `next` sealed successor pair and `natexp` its access expiry (rotated only) | idle expiry + 24 h; rotated: deleted when its grace ends |
-//! | `mrp:{T}:k` | zset | names of the session's live token keys (`a:`, `r:`), scored by their expiry; a name leaves when its key is deleted, and is rescored when its TTL is shortened | as the session |
+//! | `mrp:{T}:k` | zset | written by earlier versions only: names of the session's token keys; still deleted, with the names in it, by a purge | as the session |
 //! | `mrp:{T}:x` | zset | markers of superseded access tokens: the first 22 characters of the id, scored by its expiry; the 16 newest, each until expiry + 1 h (answers soft logout once the full record is gone) | as the session |
 //! | `mrp:{T}:used` | zset | the first 22 characters of the ids of the 64 latest refresh tokens whose grace ended (reuse detection) | as the session |
 //! | `mrp:us:{<user id>}` | zset | the user's session tags, scored by when the session's keys expire (Redis `TIME`, no offset); O(log n) per login/refresh (`lua/index_add.lua`: ZADD, and at most 8 expired entries pruned), no cap | longest of the user's sessions |
@@ -18,10 +18,12 @@
 //! | `mrp:u:{<user id>}` | hash | index of earlier versions (session tag → `device id \n expiry ms`): still read by `/logout/all` and the admin API, emptied as its sessions are touched, never written | as left by the earlier version |
 //! | `mrp:rl:<limiter>:{<id>}` | string | shared rate limit (`rate_limit.backend: redis`): GCRA arrival time in µs of Redis `TIME`; `<id>` is a client IP or a session tag | until the budget is full again |
 //!
-//! So a session holds at most 8 keys whatever its number of refreshes: `s`, `k`, `x`, `used`, the
+//! So a session holds at most 8 keys whatever its number of refreshes: `s`, `x`, `used`, the
 //! live refresh token, the rotated one in grace (if any), the current access token, its
-//! predecessor (until the next one is used) and the newest superseded one; logout deletes the
-//! names in `k` (at most 5) and the four fixed keys (`tests/state_bounds.rs`).
+//! predecessor (until the next one is used) and the newest superseded one. No list of them is
+//! kept: a purge finds them from the session hash (`cr`, each refresh record's `prev` and `at`,
+//! and `sa`; `purge_session` in `lua/common.lua`), and `tests/state_bounds.rs` checks after
+//! every step that it would find every key of the session.
 //!
 //! Sealed values are ChaCha20-Poly1305 under a key derived from the token that points to them
 //! ([`crate::session::seal`]).

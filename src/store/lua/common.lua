@@ -82,8 +82,8 @@ local function slack(ttl)
   return math.min(math.floor(tonumber(ttl) / 8), 86400000)
 end
 
--- Makes the session's fixed keys (`s`, `k`, `used`, `x`) live at least `ttl` ms from now,
--- when `sx` (their recorded expiry) falls short. Returns the TTL the user index must at least
+-- Makes the session's fixed keys (`s`, `used`, `x`; `k` of earlier versions) live at least
+-- `ttl` ms from now, when `sx` (their recorded expiry) falls short. Returns the TTL the user index must at least
 -- have (the keys' new one), or 0 when nothing changed.
 local function extend_session(prefix, ttl, sx)
   local need = real_now + tonumber(ttl)
@@ -92,7 +92,7 @@ local function extend_session(prefix, ttl, sx)
   end
   local target = need + slack(ttl)
   local keep = target - real_now
-  for _, name in ipairs({'s', 'k', 'used', 'x'}) do
+  for _, name in ipairs({'s', 'used', 'x', 'k'}) do
     extend(prefix .. name, keep)
   end
   redis.call('HSET', prefix .. 's', 'sx', int(target))
@@ -136,7 +136,6 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
   if r[1] ~= 'rotated' then
     return {}
   end
-  local index_key = prefix .. 'k'
   local marker_key = prefix .. 'x'
   retention = tonumber(retention)
   local s = sa_sx or redis.call('HMGET', session_key, 'sa', 'sx', 'ux')
@@ -164,9 +163,7 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
     if aexp then
       -- Kept until its expiry + retention (it still works until its expiry), never longer.
       local ttl = math.max(aexp - now, 0) + retention
-      if redis.call('PEXPIRE', akey, int(ttl)) == 1 then
-        redis.call('ZADD', index_key, int(real_now + ttl), akey)
-      end
+      redis.call('PEXPIRE', akey, int(ttl))
       -- Markers answer soft logout until their score (the token's expiry) + retention; the
       -- lookup compares, and the set is capped, so expired ones need no removal here.
       redis.call('ZADD', marker_key, int(aexp), short_id(r[2]))
@@ -193,18 +190,39 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
     end
   end
   redis.call('DEL', unpack(gone))
-  redis.call('ZREM', index_key, unpack(gone))
   return out
 end
 
 -- Deletes every key of a session. Returns {user, device} or {}.
+-- A session's token records are found from its hash, with no list of them kept: the live
+-- refresh record (`cr`), each refresh record's predecessor (`prev`, at most one still there:
+-- the one in grace) and paired access token (`at`), and the newest superseded access token
+-- (`sa`); every other record was deleted when it was superseded or consumed. Sessions of
+-- earlier versions also listed their records in the key index `k`, still honoured here.
 local function purge_session(session_key, index_key, used_key)
-  local s = redis.call('HMGET', session_key, 'u', 'd')
-  local keys = redis.call('ZRANGE', index_key, 0, -1)
-  for _, k in ipairs(keys) do
-    redis.call('DEL', k)
+  local s = redis.call('HMGET', session_key, 'u', 'd', 'cr', 'sa')
+  local prefix = string.sub(session_key, 1, -2)
+  local gone = {session_key, index_key, used_key, prefix .. 'x'}
+  if s[4] and s[4] ~= '' then
+    gone[#gone + 1] = prefix .. 'a:' .. s[4]
   end
-  redis.call('DEL', session_key, index_key, used_key, string.sub(session_key, 1, -2) .. 'x')
+  local rid = s[3]
+  for _ = 1, 4 do
+    if not rid or rid == '' then
+      break
+    end
+    local rkey = prefix .. 'r:' .. rid
+    local r = redis.call('HMGET', rkey, 'at', 'prev')
+    gone[#gone + 1] = rkey
+    if r[1] and r[1] ~= '' then
+      gone[#gone + 1] = prefix .. 'a:' .. r[1]
+    end
+    rid = r[2]
+  end
+  for _, k in ipairs(redis.call('ZRANGE', index_key, 0, -1)) do
+    gone[#gone + 1] = k
+  end
+  redis.call('DEL', unpack(gone))
   invalidate(session_key)
   if not s[1] then
     return {}

@@ -1,5 +1,6 @@
 -- Creates a session with its first access/refresh pair; every expiry from the Redis clock.
--- KEYS: 1 session, 2 access record, 3 refresh record, 4 key index
+-- KEYS: 1 session, 2 access record, 3 refresh record, 4 key index (of earlier versions; not
+--       written: purge finds the records from the session hash)
 -- ARGV: 1 user_id, 2 device_id, 3 clock offset ms, 4 access sealed upstream token,
 --       5 refresh sealed upstream token, 6 access id, 7 access lifetime ms,
 --       8 refresh idle lifetime ms (0 = none), 9 session lifetime ms (0 = none),
@@ -16,7 +17,8 @@ local aexp, rexp, ttl = pair_times(now, ends, ARGV[7], ARGV[8], ARGV[11], ARGV[1
 -- rotations need not extend them; `sx` is when they expire (Redis clock).
 local keep = ttl + slack(ttl)
 redis.call('HSET', KEYS[1], 'u', ARGV[1], 'd', ARGV[2], 'end', int(ends), 'c', int(now),
-  'lr', '0', 'aexp', int(aexp), 'rexp', int(rexp), 'sx', int(real_now + keep))
+  'lr', '0', 'aexp', int(aexp), 'rexp', int(rexp), 'sx', int(real_now + keep),
+  'cr', string.match(KEYS[3], ':r:([^:]+)$'))
 if ARGV[12] ~= '' then
   redis.call('HSET', KEYS[1], 'ue', ARGV[12])
 end
@@ -26,7 +28,5 @@ redis.call('PEXPIRE', KEYS[2], int(ttl))
 redis.call('HSET', KEYS[3], 'st', 'live', 'ut', ARGV[5], 'exp', int(rexp), 'at', ARGV[6],
   'prev', '', 'aexp', int(aexp))
 redis.call('PEXPIRE', KEYS[3], int(ttl))
-redis.call('ZADD', KEYS[4], int(real_now + ttl), KEYS[2], int(real_now + ttl), KEYS[3])
-redis.call('PEXPIRE', KEYS[4], int(keep))
 -- The user index was written first, for this TTL (Sessions::mint): nothing to extend.
 return {int(now), int(aexp), '0'}

@@ -1,8 +1,8 @@
 -- Rotates a live refresh token into a new pair, atomically, every expiry from the Redis clock.
 -- A concurrent rotation that won first is reported as grace with the winner's successor, so
 -- every caller gets the same pair.
--- KEYS: 1 old refresh record, 2 session, 3 key index, 4 used-refresh set,
---       5 new access record, 6 new refresh record
+-- KEYS: 1 old refresh record, 2 session, 3 key index (of earlier versions; unused here),
+--       4 used-refresh set, 5 new access record, 6 new refresh record
 -- ARGV: 1 clock offset ms, 2 old refresh id, 3 new access id, 4 new refresh id,
 --       5 access sealed, 6 refresh sealed, 7 sealed successor, 8 key prefix,
 --       9 superseded access retention ms, 10 access lifetime ms,
@@ -35,7 +35,7 @@ redis.call('PEXPIRE', KEYS[6], int(ttl))
 -- Rotated: the sealed upstream token is no longer kept (`ut` emptied).
 redis.call('HSET', KEYS[1], 'st', 'rotated', 'next', ARGV[7], 'natexp', int(aexp), 'ut', '')
 -- Read by the admin API: last refresh and the current pair's expiries.
-local fields = {'lr', int(now), 'aexp', int(aexp), 'rexp', int(rexp)}
+local fields = {'lr', int(now), 'aexp', int(aexp), 'rexp', int(rexp), 'cr', ARGV[4]}
 -- Using this refresh token ends the grace of the one before it.
 if r[3] and r[3] ~= '' then
   local more = consume_refresh(ARGV[8], r[3], now, KEYS[4], KEYS[2], ARGV[9], {s[4], s[3], s[5]})
@@ -44,8 +44,5 @@ if r[3] and r[3] ~= '' then
   end
 end
 redis.call('HSET', KEYS[2], unpack(fields))
-redis.call('ZADD', KEYS[3], int(real_now + ttl), KEYS[5], int(real_now + ttl), KEYS[6])
--- Index entries of keys whose TTL has passed are dead weight.
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', int(real_now))
 local reindex = extend_session(ARGV[8], ttl, s[3])
 return {'ok', int(now), int(aexp), int(reindex)}
