@@ -18,7 +18,7 @@
 //! | `mrp:u:{<user id>}` | hash | index of earlier versions (session tag → `device id \n expiry ms`): still read by `/logout/all` and the admin API, emptied as its sessions are touched, never written | as left by the earlier version |
 //! | `mrp:rl:<limiter>:{<id>}` | string | shared rate limit (`rate_limit.backend: redis`): GCRA arrival time in µs of Redis `TIME`; `<id>` is a client IP or a session tag | until the budget is full again |
 //!
-//! So a session holds at most 8 keys whatever its number of refreshes: `s`, `x`, `used`, the
+//! So a session holds at most 7 keys whatever its number of refreshes: `s`, `x`, `used`, the
 //! live refresh token, the rotated one in grace (if any), the current access token, its
 //! predecessor (until the next one is used) and the newest superseded one. No list of them is
 //! kept: a purge finds them from the session hash (`cr`, each refresh record's `prev` and `at`,
