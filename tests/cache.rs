@@ -463,3 +463,49 @@ async fn cache_off_behaves_as_without_it() {
     );
     assert_eq!(pair.hs.requests_to("/logout").len(), 1);
 }
+
+/// The proxy process stays flat once its cache is full: with `cache.max_entries: 1000`, 5,000
+/// sessions beyond the bound (each logged in and its token served twice, so each is admitted
+/// and then evicted) leave the entry count at the bound and the RSS within 4 MiB of where it
+/// stood with the cache first full. (The data structure itself is checked with 101k sessions
+/// past each bound in src/store/cached.rs.)
+#[tokio::test(flavor = "multi_thread")]
+async fn rss_stays_flat_with_sessions_beyond_the_cache_bound() {
+    let h = Harness::with(
+        ProxyOptions {
+            extra: "rate_limit:\n  enabled: false\ncache:\n  max_entries: 1000\n".to_owned(),
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let client = client();
+    wait_for(&client, &h.proxy, "mrp_token_cache_enabled", |v| v == 1.0).await;
+    let serve = |n: usize| {
+        let h = &h;
+        async move {
+            for _ in 0..n {
+                let v = h.login("alice").await;
+                assert_eq!(h.whoami(&at(&v)).await.status, 200);
+                assert_eq!(h.whoami(&at(&v)).await.status, 200);
+            }
+        }
+    };
+    serve(2_000).await;
+    let full = h.proxy.rss_kib();
+    let entries = metric(&client, &h.proxy, "mrp_token_cache_entries").await;
+    assert!((500.0..=1000.0).contains(&entries), "{entries} entries");
+    serve(5_000).await;
+    let after = h.proxy.rss_kib();
+    let entries = metric(&client, &h.proxy, "mrp_token_cache_entries").await;
+    let hits = metric(&client, &h.proxy, HITS).await;
+    eprintln!(
+        "RSS with the cache full: {full} KiB; after 5,000 more sessions: {after} KiB; {entries} entries, {hits} hits"
+    );
+    assert!(entries <= 1000.0, "{entries} entries");
+    assert!(hits >= 5_000.0, "the cache served: {hits} hits");
+    assert!(
+        after <= full + 4 * 1024,
+        "RSS grew from {full} to {after} KiB with the cache at its bound"
+    );
+}
