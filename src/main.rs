@@ -7,6 +7,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use matrix_refresh_proxy::config::Config;
 
+/// jemalloc: glibc's malloc/free (with `malloc_consolidate`) were 6-18 % of the proxy's CPU
+/// (perf, issue 11). Measured side by side (scripts/bench.sh): access-token path +16 %,
+/// passthrough +8 %; a 20 MB streamed body grows RSS by 2.2 MB (glibc 1.3 MB; mimalloc, tried
+/// before, 10-12 MB: tests/e2e/test_media.py).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Matrix refresh tokens (spec v1.3) in front of homeservers without them.
 #[derive(Parser)]
 #[command(version, about)]
