@@ -345,11 +345,13 @@ done
 
 # Optional, after the measured rounds (both slow the proxy down, so they are never measured):
 # BENCH_PROFILE=DIR: `perf record -g` of the proxy under each proxy case, top symbols in DIR;
+# BENCH_CALLGRAPH=dwarf: call graphs by DWARF unwinding, for a build with line tables
+# (CARGO_PROFILE_RELEASE_DEBUG=line-tables-only); inclusive costs go to DIR/<case>.children.txt.
 # BENCH_STRACE=DIR: syscalls per request of the proxy under each proxy case (`strace -c -f`).
 if [[ -n "${BENCH_PROFILE:-}" ]]; then
     mkdir -p "$BENCH_PROFILE"
     for c in "${proxy_cases[@]}"; do
-        perf record -F 1999 -g -p "$proxy_pid" -o "$BENCH_PROFILE/$c.data" -- sleep "$secs" 2>/dev/null &
+        perf record -F 1999 --call-graph "${BENCH_CALLGRAPH:-fp}" -p "$proxy_pid" -o "$BENCH_PROFILE/$c.data" -- sleep "$secs" 2>/dev/null &
         rec=$!
         run_case "$c" "profile_$c"
         wait "$rec" || true
@@ -358,6 +360,10 @@ if [[ -n "${BENCH_PROFILE:-}" ]]; then
                 --sort "$sort" 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' |
                 awk '{$1=$1; print}' | head -40 || true
         done >"$BENCH_PROFILE/$c.txt"
+        if [[ -n "${BENCH_CALLGRAPH:-}" ]]; then
+            perf report -i "$BENCH_PROFILE/$c.data" --children --stdio -g none --percent-limit 1.5 \
+                2>/dev/null | grep -v '^#' | grep -v '^$' | head -80 >"$BENCH_PROFILE/$c.children.txt" || true
+        fi
         echo "  profile $c: $BENCH_PROFILE/$c.txt" >&2
     done
 fi
