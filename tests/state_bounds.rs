@@ -180,6 +180,13 @@ async fn session_state_does_not_grow_with_refreshes() {
     let mut rt_now = rt(&v);
     let mut old_at = Vec::new();
     let mut old_rt = Vec::new();
+    let s = session_key(&h);
+    let prefix = s[..s.len() - 1].to_owned();
+    let zcard = |name: &str| -> usize {
+        let key = format!("{prefix}{name}");
+        h.redis.cli(&["ZCARD", &key]).trim().parse().unwrap()
+    };
+    let (mut most_used, mut most_markers) = (0, 0);
     for i in 1..=1000 {
         let n = h.refresh(&rt_now).await;
         assert_eq!(n.status, 200, "refresh {i}");
@@ -188,7 +195,24 @@ async fn session_state_does_not_grow_with_refreshes() {
         old_at.push(at(&n));
         rt_now = rt(&n);
         old_rt.push(rt_now.clone());
-        if [1, 10, 100, 1000].contains(&i) {
+        // The capped sets are trimmed on every 8th consumed refresh token (common.lua TRIM):
+        // at least the 64 latest used ids / 16 markers once there were that many, at most 7
+        // more. Checked over two whole trim cycles.
+        if i > 1000 - 40 {
+            let (used, markers) = (zcard("used"), zcard("x"));
+            assert!(
+                (64..64 + 8).contains(&used),
+                "{used} used ids after {i} refreshes"
+            );
+            assert!(
+                (16..16 + 8).contains(&markers),
+                "{markers} markers after {i}"
+            );
+            most_used = most_used.max(used);
+            most_markers = most_markers.max(markers);
+        }
+        // 999: the capped sets at their fullest (just before a trim).
+        if [1, 10, 100, 999, 1000].contains(&i) {
             let (keys, names, dangling, bytes) = footprint(&h);
             println!(
                 "after {i} refreshes: {keys} keys, {names} found by a purge ({dangling} missed), {bytes} bytes"
@@ -198,6 +222,14 @@ async fn session_state_does_not_grow_with_refreshes() {
             assert!(bytes <= 8192, "{bytes} bytes after {i} refreshes");
         }
     }
+    println!(
+        "capped sets over the last 40 refreshes: at most {most_used} used ids, {most_markers} markers"
+    );
+    assert_eq!(
+        (most_used, most_markers),
+        (64 + 7, 16 + 7),
+        "trimmed too often"
+    );
     // The current token works; the one before it still holds its full record; older ones are
     // markers: soft logout, never a hard one, while the session lives.
     assert_eq!(h.whoami(&old_at[999]).await.status, 200);

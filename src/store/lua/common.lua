@@ -112,6 +112,10 @@ end
 local MARKERS = 16
 -- How many ids of used refresh tokens a session keeps (reuse detection).
 local USED = 64
+-- Both capped sets are trimmed on every TRIM-th consumed refresh token (counted in the session
+-- field `n`), not on each: they hold at least MARKERS / USED entries once that many were
+-- added, and at most TRIM - 1 more. Two commands fewer on most rotations (issue 11).
+local TRIM = 8
 
 -- Ids are kept in the per-session sets truncated to 128 bits: collisions only matter within one
 -- session, and a forged match gains nothing (a 401 either way).
@@ -127,9 +131,9 @@ end
 -- its expiry plus `retention`, and only the newest of them keeps its full record (so it still works until its own expiry, and
 -- can still log out once expired).
 -- The index `k` follows every deletion and TTL change, so it names only live keys.
--- `sa_sx`: the session's fields `sa`, `sx` and `ux` when the caller read them, else nil.
+-- `sa_sx`: the session's fields `sa`, `sx`, `ux` and `n` when the caller read them, else nil.
 -- Returns the fields of the session hash to write (field, value, ...; the caller writes them
--- with its own HSET): `sa`, and `ux` once the two sets have their TTL.
+-- with its own HSET): `n`, `sa`, and `ux` once the two sets have their TTL.
 local function consume_refresh(prefix, rtid, now, used_key, session_key, retention, sa_sx)
   local rkey = prefix .. 'r:' .. rtid
   local r = redis.call('HMGET', rkey, 'st', 'at', 'aexp')
@@ -138,11 +142,13 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
   end
   local marker_key = prefix .. 'x'
   retention = tonumber(retention)
-  local s = sa_sx or redis.call('HMGET', session_key, 'sa', 'sx', 'ux')
+  local s = sa_sx or redis.call('HMGET', session_key, 'sa', 'sx', 'ux', 'n')
   -- `ux`: the sets `used` and `x` exist and have a TTL (set once here, when they are made;
   -- `extend_session` extends them with the session's other fixed keys).
   local ttl_set = s[3] == '1'
-  local out = {}
+  local n = (tonumber(s[4]) or 0) + 1
+  local trim = n % TRIM == 0
+  local out = {'n', int(n)}
   -- When the session's fixed keys expire (Redis clock): the sets written here live as long.
   -- (Sessions of earlier versions have no `sx`: their TTL is read.)
   local sx = tonumber(s[2])
@@ -151,7 +157,9 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
   end
   local gone = {rkey}
   redis.call('ZADD', used_key, int(now), short_id(rtid))
-  redis.call('ZREMRANGEBYRANK', used_key, 0, -(USED + 1))
+  if trim then
+    redis.call('ZREMRANGEBYRANK', used_key, 0, -(USED + 1))
+  end
   if not ttl_set then
     redis.call('PEXPIREAT', used_key, int(sx))
   end
@@ -167,7 +175,9 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
       -- Markers answer soft logout until their score (the token's expiry) + retention; the
       -- lookup compares, and the set is capped, so expired ones need no removal here.
       redis.call('ZADD', marker_key, int(aexp), short_id(r[2]))
-      redis.call('ZREMRANGEBYRANK', marker_key, 0, -(MARKERS + 1))
+      if trim then
+        redis.call('ZREMRANGEBYRANK', marker_key, 0, -(MARKERS + 1))
+      end
       if not ttl_set then
         redis.call('PEXPIREAT', marker_key, int(sx))
         out[#out + 1] = 'ux'

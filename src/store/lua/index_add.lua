@@ -28,9 +28,12 @@ if #gone > 0 then
 end
 -- Moved over from the old hash index, if it was there (O(1)).
 redis.call('HDEL', KEYS[3], ARGV[1])
+-- Extended with slack as well, so that the next logins and refreshes of the user find them long
+-- enough and skip the PEXPIREs (before, each login set both: a count of commands that also
+-- depended on whether two logins fell within one millisecond).
 for i = 1, 2 do
   if redis.call('PTTL', KEYS[i]) < ttl then
-    redis.call('PEXPIRE', KEYS[i], int(ttl))
+    redis.call('PEXPIRE', KEYS[i], int(ttl + slack(ttl)))
   end
 end
 return 'ok'

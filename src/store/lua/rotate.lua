@@ -12,7 +12,7 @@
 --       | {'grace', sealed successor, successor access expiry, now}
 local now = clock(ARGV[1])
 local r = redis.call('HMGET', KEYS[1], 'st', 'exp', 'prev', 'next', 'natexp')
-local s = redis.call('HMGET', KEYS[2], 'u', 'end', 'sx', 'sa', 'ux')
+local s = redis.call('HMGET', KEYS[2], 'u', 'end', 'sx', 'sa', 'ux', 'n')
 if not s[1] or not r[1] then
   return {'gone'}
 end
@@ -38,7 +38,7 @@ redis.call('HSET', KEYS[1], 'st', 'rotated', 'next', ARGV[7], 'natexp', int(aexp
 local fields = {'lr', int(now), 'aexp', int(aexp), 'rexp', int(rexp), 'cr', ARGV[4]}
 -- Using this refresh token ends the grace of the one before it.
 if r[3] and r[3] ~= '' then
-  local more = consume_refresh(ARGV[8], r[3], now, KEYS[4], KEYS[2], ARGV[9], {s[4], s[3], s[5]})
+  local more = consume_refresh(ARGV[8], r[3], now, KEYS[4], KEYS[2], ARGV[9], {s[4], s[3], s[5], s[6]})
   for _, v in ipairs(more) do
     fields[#fields + 1] = v
   end
