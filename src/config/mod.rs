@@ -140,7 +140,7 @@ pub struct HttpConfig {
     pub max_connections_per_ip: Option<usize>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Pretty,
     Json,

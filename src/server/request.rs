@@ -19,6 +19,7 @@ use crate::app::App;
 use crate::body::{Body, BodyState, BoxError, ClientBody, read_limited};
 use crate::matrix::routes::{self, Route};
 use crate::ratelimit::client_ip::client_ip;
+use crate::telemetry::access::{self, AccessLine};
 use crate::telemetry::metrics::InFlightGauge;
 use crate::telemetry::request_id::{self, RequestId};
 use crate::upstream::ClientConn;
@@ -147,15 +148,28 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ClientConn) -> 
     let took = started.elapsed();
     let status = res.status().as_u16();
     app.metrics.request(&route, status, took);
-    tracing::info!(
-        %method,
-        route = route.name(),
-        status,
-        latency_ms = took.as_millis() as u64,
-        request_id = request_id.as_str(),
-        user_id = user.as_ref().map(|u| u.0.as_str()),
-        "request"
-    );
+    if tracing::enabled!(tracing::Level::INFO) {
+        let line = AccessLine {
+            method: method.as_str(),
+            route: route.name(),
+            status,
+            latency_ms: took.as_millis() as u64,
+            request_id: request_id.as_str(),
+            user_id: user.as_ref().map(|u| u.0.as_str()),
+        };
+        // The same line through `tracing` where the fast path is not set up (a terminal).
+        if !access::write(&line) {
+            tracing::info!(
+                method = %line.method,
+                route = line.route,
+                status,
+                latency_ms = line.latency_ms,
+                request_id = line.request_id,
+                user_id = line.user_id,
+                "request"
+            );
+        }
+    }
     // The request stays in flight until its body is sent (or the client goes away).
     res.map(|b| {
         Tracked {

@@ -8,6 +8,7 @@
 //! [`FLUSH_EVERY`] after the first of a batch, when [`FLUSH_AT`] bytes are pending, or at once
 //! for warnings and errors; [`flush`] runs at exit and on a panic.
 
+pub mod access;
 pub mod metrics;
 pub mod request_id;
 
@@ -39,14 +40,19 @@ pub fn init(cfg: &LogConfig) {
         flush();
         hook(info);
     }));
+    let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match cfg.format {
+        .with_ansi(ansi);
+    let installed = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
+    // The request lines take the fast path only where it writes what this subscriber would.
+    if installed.is_ok() && !ansi {
+        let _ = access::FORMAT.set(cfg.format);
+    }
 }
 
 /// Writes out the lines still pending (call before the process exits).
@@ -135,6 +141,16 @@ impl Write for LineWriter<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+impl BatchedStderr {
+    /// A writer of one line; `urgent` lines are written at once.
+    pub fn line_writer(&self, urgent: bool) -> LineWriter<'_> {
+        LineWriter {
+            batch: &self.0,
+            urgent,
+        }
     }
 }
 
