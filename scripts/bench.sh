@@ -338,8 +338,16 @@ run_case() { # CASE [NAME]: one throughput run of CASE, recorded as NAME
 }
 echo "throughput: $rounds rounds x ${#cases[@]} cases x ${secs}s, $conns connections (wrk on CPU 0, servers on CPU 1)" >&2
 echo "  load before: $(uptime)" >&2
+# Even rounds run the cases in reverse order, so that no case (and no build, with BENCH_BEFORE)
+# always runs in the same position of a round: on a noisy VM a single order was off by up to
+# 10 % between two builds.
 for r in $(seq "$rounds"); do
-    for c in "${cases[@]}"; do run_case "$c"; done
+    order=("${cases[@]}")
+    if ((r % 2 == 0)); then
+        order=()
+        for ((i = ${#cases[@]} - 1; i >= 0; i--)); do order+=("${cases[i]}"); done
+    fi
+    for c in "${order[@]}"; do run_case "$c"; done
     echo "  round $r/$rounds done" >&2
 done
 
