@@ -58,70 +58,86 @@ pub fn write(line: &AccessLine<'_>) -> bool {
 
 /// The line as the installed formatter writes it (`ts`: RFC 3339, µs, `Z`).
 fn format_line(buf: &mut Vec<u8>, format: LogFormat, ts: &[u8], l: &AccessLine<'_>) {
+    // `tracing-subscriber`'s Full format: `{ts}  INFO {target}: {message} {fields}`; its JSON
+    // formatter with `flatten_event(true)`, outside any span: timestamp, level, message, the
+    // fields, target.
     match format {
         LogFormat::Pretty => {
-            // `tracing-subscriber`'s Full format: `{ts}  INFO {target}: {message} {fields}`,
-            // `%`-fields as Display, numbers as they are, `&str` fields as Debug (quoted).
             buf.extend_from_slice(ts);
             buf.extend_from_slice(b"  INFO ");
             buf.extend_from_slice(TARGET.as_bytes());
-            buf.extend_from_slice(b": request method=");
-            buf.extend_from_slice(l.method.as_bytes());
-            buf.extend_from_slice(b" route=");
-            debug_str(buf, l.route);
-            buf.extend_from_slice(b" status=");
-            decimal(buf, u64::from(l.status));
-            buf.extend_from_slice(b" latency_ms=");
-            decimal(buf, l.latency_ms);
-            buf.extend_from_slice(b" request_id=");
-            debug_str(buf, l.request_id);
-            if let Some(u) = l.user_id {
-                buf.extend_from_slice(b" user_id=");
-                debug_str(buf, u);
-            }
+            buf.extend_from_slice(b": request");
         }
         LogFormat::Json => {
-            // The JSON formatter with `flatten_event(true)`, outside any span.
             buf.extend_from_slice(b"{\"timestamp\":\"");
             buf.extend_from_slice(ts);
-            buf.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",\"method\":");
-            json_str(buf, l.method);
-            buf.extend_from_slice(b",\"route\":");
-            json_str(buf, l.route);
-            buf.extend_from_slice(b",\"status\":");
-            decimal(buf, u64::from(l.status));
-            buf.extend_from_slice(b",\"latency_ms\":");
-            decimal(buf, l.latency_ms);
-            buf.extend_from_slice(b",\"request_id\":");
-            json_str(buf, l.request_id);
-            if let Some(u) = l.user_id {
-                buf.extend_from_slice(b",\"user_id\":");
-                json_str(buf, u);
-            }
-            buf.extend_from_slice(b",\"target\":\"");
-            buf.extend_from_slice(TARGET.as_bytes());
-            buf.push(b'"');
-            buf.push(b'}');
+            buf.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\"");
         }
+    }
+    let mut f = Fields { buf, format };
+    f.field("method", Value::Display(l.method));
+    f.field("route", Value::Str(l.route));
+    f.field("status", Value::Num(u64::from(l.status)));
+    f.field("latency_ms", Value::Num(l.latency_ms));
+    f.field("request_id", Value::Str(l.request_id));
+    if let Some(u) = l.user_id {
+        f.field("user_id", Value::Str(u));
+    }
+    if format == LogFormat::Json {
+        buf.extend_from_slice(b",\"target\":\"");
+        buf.extend_from_slice(TARGET.as_bytes());
+        buf.extend_from_slice(b"\"}");
     }
     buf.push(b'\n');
 }
 
-/// `{:?}` of a string: quoted, escaped as Rust does. Plain printable ASCII (every generated
-/// request id, route name and ordinary user id) is copied as is.
-fn debug_str(buf: &mut Vec<u8>, s: &str) {
-    if s.bytes()
-        .all(|c| (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\')
-    {
-        buf.push(b'"');
-        buf.extend_from_slice(s.as_bytes());
-        buf.push(b'"');
-    } else {
-        let _ = write!(buf, "{s:?}");
+/// A field's value, as the event records it.
+enum Value<'a> {
+    /// A `%`-field: Display in text, a JSON string.
+    Display(&'a str),
+    /// A `&str` field: Debug (quoted) in text, a JSON string.
+    Str(&'a str),
+    Num(u64),
+}
+
+struct Fields<'b> {
+    buf: &'b mut Vec<u8>,
+    format: LogFormat,
+}
+
+impl Fields<'_> {
+    /// ` name=value` in text, `,"name":value` in JSON.
+    fn field(&mut self, name: &str, v: Value<'_>) {
+        let buf = &mut *self.buf;
+        match self.format {
+            LogFormat::Pretty => {
+                buf.push(b' ');
+                buf.extend_from_slice(name.as_bytes());
+                buf.push(b'=');
+            }
+            LogFormat::Json => {
+                buf.extend_from_slice(b",\"");
+                buf.extend_from_slice(name.as_bytes());
+                buf.extend_from_slice(b"\":");
+            }
+        }
+        match (v, self.format) {
+            (Value::Num(n), _) => decimal(buf, n),
+            (Value::Display(s), LogFormat::Pretty) => buf.extend_from_slice(s.as_bytes()),
+            (Value::Str(s), LogFormat::Pretty) => quoted(buf, s, |b, s| {
+                let _ = write!(b, "{s:?}");
+            }),
+            (Value::Display(s) | Value::Str(s), LogFormat::Json) => quoted(buf, s, |b, s| {
+                let _ = serde_json::to_writer(b, s);
+            }),
+        }
     }
 }
 
-fn json_str(buf: &mut Vec<u8>, s: &str) {
+/// A quoted string: plain printable ASCII without `"` or `\` (every generated request id, route
+/// name and ordinary user id) is copied as is, anything else escaped by `escape` (Rust's `{:?}`
+/// or JSON's, which agree on plain ASCII).
+fn quoted(buf: &mut Vec<u8>, s: &str, escape: impl FnOnce(&mut Vec<u8>, &str)) {
     if s.bytes()
         .all(|c| (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\')
     {
@@ -129,7 +145,7 @@ fn json_str(buf: &mut Vec<u8>, s: &str) {
         buf.extend_from_slice(s.as_bytes());
         buf.push(b'"');
     } else {
-        let _ = serde_json::to_writer(&mut *buf, s);
+        escape(buf, s);
     }
 }
 

@@ -131,10 +131,10 @@ end
 -- its expiry plus `retention`, and only the newest of them keeps its full record (so it still works until its own expiry, and
 -- can still log out once expired).
 -- The index `k` follows every deletion and TTL change, so it names only live keys.
--- `sa_sx`: the session's fields `sa`, `sx`, `ux` and `n` when the caller read them, else nil.
+-- `known`: the session's fields `sa`, `sx`, `ux` and `n` when the caller read them, else nil.
 -- Returns the fields of the session hash to write (field, value, ...; the caller writes them
 -- with its own HSET): `n`, `sa`, and `ux` once the two sets have their TTL.
-local function consume_refresh(prefix, rtid, now, used_key, session_key, retention, sa_sx)
+local function consume_refresh(prefix, rtid, now, used_key, session_key, retention, known)
   local rkey = prefix .. 'r:' .. rtid
   local r = redis.call('HMGET', rkey, 'st', 'at', 'aexp')
   if r[1] ~= 'rotated' then
@@ -142,7 +142,7 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
   end
   local marker_key = prefix .. 'x'
   retention = tonumber(retention)
-  local s = sa_sx or redis.call('HMGET', session_key, 'sa', 'sx', 'ux', 'n')
+  local s = known or redis.call('HMGET', session_key, 'sa', 'sx', 'ux', 'n')
   -- `ux`: the sets `used` and `x` exist and have a TTL (set once here, when they are made;
   -- `extend_session` extends them with the session's other fixed keys).
   local ttl_set = s[3] == '1'
