@@ -11,8 +11,6 @@ mod request;
 pub mod response;
 
 use bytes::Bytes;
-use http::Response;
-use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::body::{BodyTimeout, ClientBody, read_limited};
@@ -40,7 +38,7 @@ pub async fn read_body(app: &App, body: ClientBody) -> Result<Bytes, ApiError> {
 /// Reads a homeserver answer the proxy rewrites or inspects, at most `limit` bytes; a longer or
 /// broken one is a 502.
 pub async fn read_upstream(
-    res: Response<Incoming>,
+    res: crate::upstream::UpstreamResponse,
     limit: usize,
 ) -> Result<(http::response::Parts, Bytes), ApiError> {
     let (parts, body) = res.into_parts();

@@ -4,7 +4,6 @@
 
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::{ApiError, App, read_body, read_upstream, with_user};
 use crate::body::{Body, ClientBody, full, stream};
@@ -134,7 +133,7 @@ async fn swap_token(
 async fn upstream_rejected(
     app: &App,
     s: &SessionAuth,
-    res: Response<Incoming>,
+    res: crate::upstream::UpstreamResponse,
 ) -> Result<Response<Body>, ApiError> {
     let (parts, bytes) = read_upstream(res, MAX_ERROR_BODY).await?;
     if purge::upstream_revoked(&bytes) {

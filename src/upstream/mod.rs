@@ -4,6 +4,7 @@
 pub mod connector;
 pub mod credentials;
 pub mod headers;
+pub mod pool;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,9 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, Uri, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use pool::{Pool, SendError};
 
 use crate::body::{Body, full, read_limited};
 use crate::config::UpstreamConfig;
@@ -35,11 +35,13 @@ pub enum UpstreamError {
     Timeout,
 }
 
-/// The homeserver, through a pooled keep-alive client.
+/// A homeserver answer: its head, and a body that holds the connection until it ends.
+pub type UpstreamResponse = Response<pool::PooledBody>;
+
+/// The homeserver, through a pool of keep-alive connections ([`pool`]).
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<connector::UpstreamConnector, Body>,
-    scheme: http::uri::Scheme,
+    pool: Arc<Pool>,
     authority: http::uri::Authority,
     /// Path prefix without trailing `/` ("" for none).
     base_path: String,
@@ -51,57 +53,60 @@ impl Upstream {
     /// Fails when the trust roots of an `https://` upstream cannot be loaded.
     pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, TlsError> {
         let connector = connector::connector(cfg)?;
-        let client = Client::builder(TokioExecutor::new())
-            // Without a timer the idle timeout below does nothing (hyper-util docs).
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
         let parts = cfg.url.clone().into_parts();
+        let scheme = parts.scheme.unwrap_or(http::uri::Scheme::HTTP);
+        let authority = parts.authority.expect("validated in config");
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("scheme and authority from a valid URL");
         Ok(Upstream {
-            client,
-            scheme: parts.scheme.unwrap_or(http::uri::Scheme::HTTP),
-            authority: parts.authority.expect("validated in config"),
+            pool: Pool::new(connector, origin),
+            authority,
             base_path: cfg.url.path().trim_end_matches('/').to_owned(),
             response_timeout: cfg.response_timeout,
             metrics,
         })
     }
 
-    /// The upstream URI for a client path and query.
+    /// The upstream URI for a client path and query, in origin form (`/path?query`: what an
+    /// HTTP/1.1 request line to the homeserver carries).
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let pq = match query {
             Some(q) if !q.is_empty() => format!("{}{path}?{q}", self.base_path),
             _ => format!("{}{path}", self.base_path),
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        Uri::builder().path_and_query(pq).build()
     }
 
     /// Sends a request (already rewritten) and waits for the response headers. `call` says what
     /// for, in metrics.
+    /// The request's URI is in origin form ([`Upstream::uri`]); `Host` is set here when the
+    /// request has none.
     pub async fn send(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         call: UpstreamCall,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
-        let result =
-            match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-                Err(_) => Err(UpstreamError::Timeout),
-                Ok(Err(e)) => {
-                    // A connect timeout surfaces as a connect error caused by a timeout.
-                    if e.is_connect() && caused_by_timeout(&e) {
-                        Err(UpstreamError::Timeout)
-                    } else {
-                        Err(UpstreamError::Unreachable(error_chain(&e)))
-                    }
-                }
-                Ok(Ok(r)) => Ok(r),
-            };
+        if !req.headers().contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(self.authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        let result = match tokio::time::timeout(self.response_timeout, self.pool.send(req)).await {
+            Err(_) => Err(UpstreamError::Timeout),
+            // A connect timeout (TCP or TLS) is a timeout, answered 504 like a slow answer.
+            Ok(Err(SendError::Connect(e))) if caused_by_timeout(&*e) => Err(UpstreamError::Timeout),
+            Ok(Err(SendError::Connect(e))) => Err(UpstreamError::Unreachable(format!(
+                "connecting: {}",
+                error_chain(&*e)
+            ))),
+            Ok(Err(SendError::Request(e))) => Err(UpstreamError::Unreachable(error_chain(&e))),
+            Ok(Ok(r)) => Ok(r),
+        };
         match &result {
             Ok(_) => self.metrics.upstream_response(call, started.elapsed()),
             Err(UpstreamError::Timeout) => self
@@ -124,7 +129,7 @@ impl Upstream {
         query: Option<&str>,
         conn: &ClientConn,
         call: UpstreamCall,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<UpstreamResponse, UpstreamError> {
         // HTTP/2 clients name the host in the `:authority` pseudo-header, not in `Host`.
         if !parts.headers.contains_key(http::header::HOST)
             && let Some(a) = parts.uri.authority()
@@ -134,18 +139,12 @@ impl Upstream {
         }
         headers::prepare_request(&mut parts.headers, conn);
         // Without a base path and with the query untouched, the client's own path and query are
-        // reused as they are (no formatting, no second parse).
+        // reused as they are (no formatting, no second parse), in origin form.
         let unchanged = self.base_path.is_empty()
             && parts.uri.path() == path
             && parts.uri.query().filter(|q| !q.is_empty()) == query.filter(|q| !q.is_empty());
         parts.uri = match parts.uri.path_and_query() {
-            Some(pq) if unchanged => {
-                let mut up = http::uri::Parts::default();
-                up.scheme = Some(self.scheme.clone());
-                up.authority = Some(self.authority.clone());
-                up.path_and_query = Some(pq.clone());
-                Uri::from_parts(up).map_err(|e| UpstreamError::Unreachable(e.to_string()))?
-            }
+            Some(pq) if unchanged => Uri::from(pq.clone()),
             _ => self
                 .uri(path, query)
                 .map_err(|e| UpstreamError::Unreachable(e.to_string()))?,
@@ -164,7 +163,7 @@ impl Upstream {
         token: Option<&str>,
         request_id: Option<&HeaderValue>,
         call: UpstreamCall,
-    ) -> Result<Option<Response<Incoming>>, UpstreamError> {
+    ) -> Result<Option<UpstreamResponse>, UpstreamError> {
         let unreachable = |e: http::Error| UpstreamError::Unreachable(e.to_string());
         let mut req = Request::builder()
             .method(method)
@@ -289,7 +288,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Turns an upstream response into a client response: streamed body, hop-by-hop headers gone.
-pub fn relay(res: Response<Incoming>) -> Response<Body> {
+pub fn relay(res: UpstreamResponse) -> Response<Body> {
     let (mut parts, body) = res.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, body.map_err(Into::into).boxed())
