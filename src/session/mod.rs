@@ -248,6 +248,9 @@ pub trait TokenStore: Send + Sync + 'static {
         id: &str,
         offset: i64,
     ) -> impl Future<Output = Result<AccessRecord, StoreError>> + Send;
+    /// A refresh token's state. `Live` may be a token past its expiry: [`Self::rotate`]
+    /// decides that on the store's clock (and answers `Lost(Expired)`); every other state is
+    /// final as returned.
     fn peek_refresh(
         &self,
         sid: SessionId,

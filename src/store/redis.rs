@@ -407,6 +407,34 @@ impl RedisStore {
         unreachable!("the EVAL round returns")
     }
 
+    /// A live refresh token's record and its session's owner, or `None` for any other state
+    /// (left to `peek_refresh.lua`). The two reads need not be atomic: `rotate.lua` checks
+    /// everything again before it writes.
+    async fn peek_live(&self, k: &Keys, id: &str) -> Result<Option<RefreshRecord>, StoreError> {
+        let mut c = self.conn.clone();
+        let mut p = redis::pipe();
+        p.cmd("HMGET")
+            .arg(k.session())
+            .arg("u")
+            .arg("d")
+            .cmd("HMGET")
+            .arg(k.refresh(id))
+            .arg("st")
+            .arg("ut");
+        type Fields = (Option<String>, Option<String>);
+        let ((user, device), (state, sealed)): (Fields, (Option<String>, Option<Vec<u8>>)) =
+            p.query_async(&mut c).await.map_err(err)?;
+        Ok(match (user, device, state.as_deref(), sealed) {
+            (Some(user_id), Some(device_id), Some("live"), Some(sealed)) if !sealed.is_empty() => {
+                Some(RefreshRecord::Live {
+                    sealed_upstream: sealed,
+                    info: SessionInfo { user_id, device_id },
+                })
+            }
+            _ => None,
+        })
+    }
+
     /// Before answering with tokens a read found (a grace replay), makes sure they are on the
     /// replicas too: a no-op write on the session's node, then `WAIT` (which covers every
     /// earlier write on that node, the rotation that made the tokens included).
@@ -507,6 +535,14 @@ impl TokenStore for RedisStore {
         revoke_on_reuse: bool,
     ) -> Result<RefreshRecord, StoreError> {
         let k = Keys::new(sid);
+        // The common case, a live refresh token of a live session, from two plain reads in one
+        // pipeline (no script: a Lua call cost Redis more than both reads). Whether it has
+        // expired is left to `rotate.lua`, which decides it on the Redis clock anyway (and
+        // answers `expired` then); every other state (unknown, rotated, replayed) is the
+        // script's, which may also write (a dangling record deleted, a reused session revoked).
+        if let Some(live) = self.peek_live(&k, id).await? {
+            return Ok(live);
+        }
         let v: Value = self
             .run(
                 &self.scripts.peek_refresh,
