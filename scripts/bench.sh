@@ -358,11 +358,26 @@ done
 # BENCH_STRACE=DIR: syscalls per request of the proxy under each proxy case (`strace -c -f`).
 if [[ -n "${BENCH_PROFILE:-}" ]]; then
     mkdir -p "$BENCH_PROFILE"
-    for c in "${proxy_cases[@]}"; do
-        perf record -F 1999 --call-graph "${BENCH_CALLGRAPH:-fp}" -p "$proxy_pid" -o "$BENCH_PROFILE/$c.data" -- sleep "$secs" 2>/dev/null &
+    # nginx too (its worker): the same split of kernel and user time, for comparison.
+    for c in nginx "${proxy_cases[@]}"; do
+        target="$proxy_pid"
+        [[ "$c" == nginx ]] && target="$base_worker"
+        perf record -F 1999 --call-graph "${BENCH_CALLGRAPH:-fp}" -p "$target" -o "$BENCH_PROFILE/$c.data" -- sleep "$secs" 2>/dev/null &
         rec=$!
+        # Redis under the same run (flat profile: where a session's Lua and commands cost).
+        redis_rec=""
+        if [[ "$c" != nginx ]]; then
+            perf record -F 1999 -p "$redis_pid" -o "$BENCH_PROFILE/$c.redis.data" -- sleep "$secs" 2>/dev/null &
+            redis_rec=$!
+        fi
         run_case "$c" "profile_$c"
         wait "$rec" || true
+        if [[ -n "$redis_rec" ]]; then
+            wait "$redis_rec" || true
+            perf report -i "$BENCH_PROFILE/$c.redis.data" --no-children --stdio -g none --percent-limit 0.7 \
+                --sort dso,symbol 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' |
+                awk '{$1=$1; print}' | head -40 >"$BENCH_PROFILE/$c.redis.txt" || true
+        fi
         for sort in dso dso,symbol; do
             perf report -i "$BENCH_PROFILE/$c.data" --no-children --stdio -g none --percent-limit 0.7 \
                 --sort "$sort" 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' |
