@@ -363,7 +363,12 @@ pub struct Sessions<S> {
 }
 
 fn aad(what: &str, id: &str) -> Vec<u8> {
-    format!("mrp/v1/{what}/{id}").into_bytes()
+    let mut v = Vec::with_capacity(8 + what.len() + id.len());
+    v.extend_from_slice(b"mrp/v1/");
+    v.extend_from_slice(what.as_bytes());
+    v.push(b'/');
+    v.extend_from_slice(id.as_bytes());
+    v
 }
 
 impl<S: TokenStore> Sessions<S> {
@@ -585,7 +590,7 @@ impl<S: TokenStore> Sessions<S> {
                     }
                     // The store caps the new pair at the session's absolute end.
                     let (new_at, new_rt, access, refresh) = self.new_pair(sid, &ut);
-                    let successor = format!("{}\n{}", new_at.expose(), new_rt.expose());
+                    let successor = [new_at.expose(), new_rt.expose()].join("\n");
                     let sealed_successor = self.with_rng(|rng| {
                         seal::seal(
                             &rt.sealing_key(),

@@ -106,7 +106,11 @@ impl ProxyToken {
         text.push_str(kind.prefix());
         URL_SAFE_NO_PAD.encode_string(raw, &mut text);
         let crc = crc32fast::hash(text.as_bytes());
-        text.push_str(&format!("{crc:08x}"));
+        // Eight lowercase hex digits, written in place (no formatting on the hot path).
+        for shift in (0..8).rev() {
+            let nibble = (crc >> (shift * 4)) & 0xf;
+            text.push(char::from_digit(nibble, 16).expect("a nibble is a hex digit"));
+        }
         ProxyToken { kind, text, sid }
     }
 

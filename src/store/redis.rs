@@ -92,15 +92,24 @@ impl Call {
     }
 
     fn cmd(&self, lua: &Lua, by_sha: bool) -> Cmd {
-        let mut c = if by_sha {
-            let mut c = redis::cmd("EVALSHA");
-            c.arg(&lua.sha);
-            c
+        // Sized once: grown argument by argument, the buffer was reallocated several times per
+        // call (a refresh's sealed tokens are a few hundred bytes).
+        let (name, script) = if by_sha {
+            ("EVALSHA", &lua.sha)
         } else {
-            let mut c = redis::cmd("EVAL");
-            c.arg(&lua.body);
-            c
+            ("EVAL", &lua.body)
         };
+        let data = name.len()
+            + script.len()
+            + 20
+            + self
+                .keys
+                .iter()
+                .chain(&self.args)
+                .map(Vec::len)
+                .sum::<usize>();
+        let mut c = Cmd::with_capacity(3 + self.keys.len() + self.args.len(), data);
+        c.arg(name).arg(script);
         c.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
         c
     }
@@ -216,43 +225,54 @@ struct Keys {
     prefix: String,
 }
 
+/// `parts` joined in one allocation of the exact size. Keys are built on every store call, and
+/// `format!` (its formatting machinery and a growing buffer) was a visible part of a refresh's
+/// CPU (issue 11).
+fn concat(parts: &[&str]) -> String {
+    let mut s = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        s.push_str(p);
+    }
+    s
+}
+
 impl Keys {
     fn new(sid: SessionId) -> Self {
         Keys {
-            prefix: format!("mrp:{{{}}}:", sid.tag()),
+            prefix: concat(&["mrp:{", &sid.tag(), "}:"]),
         }
     }
     fn session(&self) -> String {
-        format!("{}s", self.prefix)
+        concat(&[&self.prefix, "s"])
     }
     fn index(&self) -> String {
-        format!("{}k", self.prefix)
+        concat(&[&self.prefix, "k"])
     }
     fn used(&self) -> String {
-        format!("{}used", self.prefix)
+        concat(&[&self.prefix, "used"])
     }
     fn access(&self, id: &str) -> String {
-        format!("{}a:{id}", self.prefix)
+        concat(&[&self.prefix, "a:", id])
     }
     fn refresh(&self, id: &str) -> String {
-        format!("{}r:{id}", self.prefix)
+        concat(&[&self.prefix, "r:", id])
     }
 }
 
 /// The per-user index: a sorted set of session tags scored by expiry.
 fn user_key(user_id: &str) -> String {
-    format!("mrp:us:{{{user_id}}}")
+    concat(&["mrp:us:{", user_id, "}"])
 }
 
 /// Beside [`user_key`]: session tag → device id.
 fn user_devices_key(user_id: &str) -> String {
-    format!("mrp:ud:{{{user_id}}}")
+    concat(&["mrp:ud:{", user_id, "}"])
 }
 
 /// The per-user index of earlier versions (hash tag → `device \n expiry`), read and emptied
 /// until it expires; same hash tag, so the same slot, as [`user_key`].
 fn legacy_user_key(user_id: &str) -> String {
-    format!("mrp:u:{{{user_id}}}")
+    concat(&["mrp:u:{", user_id, "}"])
 }
 
 /// Reads a script reply: an array whose first element is a status word.
