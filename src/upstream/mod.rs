@@ -42,7 +42,8 @@ pub type UpstreamResponse = Response<pool::PooledBody>;
 #[derive(Clone)]
 pub struct Upstream {
     pool: Arc<Pool>,
-    authority: http::uri::Authority,
+    /// `Host` for the proxy's own calls (the homeserver's authority), made once.
+    host: HeaderValue,
     /// Path prefix without trailing `/` ("" for none).
     base_path: String,
     response_timeout: Duration,
@@ -62,9 +63,11 @@ impl Upstream {
             .path_and_query("/")
             .build()
             .expect("scheme and authority from a valid URL");
+        let host =
+            HeaderValue::from_str(authority.as_str()).expect("an authority is a header value");
         Ok(Upstream {
             pool: Pool::new(connector, origin),
-            authority,
+            host,
             base_path: cfg.url.path().trim_end_matches('/').to_owned(),
             response_timeout: cfg.response_timeout,
             metrics,
@@ -81,20 +84,17 @@ impl Upstream {
         Uri::builder().path_and_query(pq).build()
     }
 
-    /// Sends a request (already rewritten) and waits for the response headers. `call` says what
-    /// for, in metrics.
-    /// The request's URI is in origin form ([`Upstream::uri`]); `Host` is set here when the
-    /// request has none.
+    /// Sends a request (already rewritten, its URI in origin form: [`Upstream::uri`]) and waits
+    /// for the response headers; `Host` is the homeserver's when the request has none. `call`
+    /// says what for, in metrics.
     pub async fn send(
         &self,
         mut req: Request<Body>,
         call: UpstreamCall,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
-        if !req.headers().contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(self.authority.as_str())
-        {
-            req.headers_mut().insert(header::HOST, v);
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut().insert(header::HOST, self.host.clone());
         }
         let result = match tokio::time::timeout(self.response_timeout, self.pool.send(req)).await {
             Err(_) => Err(UpstreamError::Timeout),

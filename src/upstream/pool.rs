@@ -31,9 +31,9 @@ use super::connector::UpstreamConnector;
 use crate::body::{Body, BoxError};
 
 /// Idle connections are closed after this long without a request.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// At most this many idle connections are kept (the oldest goes first).
-pub const MAX_IDLE: usize = 256;
+const MAX_IDLE: usize = 256;
 
 /// Why a request could not be sent.
 #[derive(Debug)]
