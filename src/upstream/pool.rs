@@ -8,14 +8,6 @@
 //! back to the pool when its response body ends (or at once for an empty body), and waits
 //! there for hyper's dispatcher to be ready again; checkout takes the most recently used.
 //!
-//! A connection has no task of its own: hyper's `Connection` (the dispatcher that writes
-//! requests and reads answers) is polled by whoever uses the connection — the request's future
-//! while it waits for the answer's head, then the answer's [`PooledBody`] — so a request costs no
-//! wake-up of another task and no hand-over between tasks (issue 11: the spawned connection
-//! task was two cross-task wake-ups per request). An idle connection is polled by nobody; one the
-//! homeserver closed meanwhile is found closed at checkout, or hands the request back unsent and
-//! it is retried.
-//!
 //! What it keeps of the old client's behaviour: connections are reused until the homeserver
 //! closes them or they sit idle for [`IDLE_TIMEOUT`]; at most [`MAX_IDLE`] idle ones are kept;
 //! a request that could not be written on a reused connection (the homeserver closed it in the
@@ -24,7 +16,6 @@
 //! (client gone, response timeout) closes its connection: HTTP/1 cannot abandon one request.
 
 use std::collections::VecDeque;
-use std::future::{Future as _, poll_fn};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
@@ -33,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper::client::conn::http1::{self, SendRequest};
 use tower_service::Service;
 
 use super::connector::UpstreamConnector;
@@ -62,56 +53,9 @@ pub struct Pool {
     max_idle: usize,
 }
 
-/// What a connection to the homeserver is: TCP, or TLS over it.
-type Io = <UpstreamConnector as Service<Uri>>::Response;
-
-/// One connection: the handle requests are sent through and hyper's dispatcher of its I/O,
-/// driven by its user's polls ([`Conn::poll_io`]).
-struct Conn {
-    tx: SendRequest<Body>,
-    /// `None` once the connection has ended (closed by either side, or failed). Dropping the
-    /// dispatcher answers a request still waiting on it with an error.
-    io: Option<Connection<Io, Body>>,
-}
-
-impl Conn {
-    /// Moves the connection's I/O on (writes the request, reads the answer into its body);
-    /// `Ready` once the connection has ended.
-    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(io) = self.io.as_mut() else {
-            return Poll::Ready(());
-        };
-        match Pin::new(io).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(r) => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "homeserver connection ended with an error");
-                }
-                self.io = None;
-                Poll::Ready(())
-            }
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        self.io.is_none() || self.tx.is_closed()
-    }
-
-    /// Waits until the dispatcher takes a next request; `false` when the connection ended.
-    async fn ready(&mut self) -> bool {
-        poll_fn(|cx| {
-            if self.poll_io(cx).is_ready() {
-                return Poll::Ready(false);
-            }
-            self.tx.poll_ready(cx).map(|r| r.is_ok())
-        })
-        .await
-    }
-}
-
 #[derive(Default)]
 struct Idle {
-    conns: VecDeque<(Conn, Instant)>,
+    conns: VecDeque<(SendRequest<Body>, Instant)>,
     /// Whether the task that closes expired idle connections runs.
     janitor: bool,
 }
@@ -156,20 +100,12 @@ impl Pool {
         // A reused connection may turn out closed; the request is retried once on a new one
         // when hyper hands it back unsent.
         loop {
-            let (mut conn, reused) = match self.checkout().await {
-                Some(conn) => (conn, true),
+            let (mut tx, reused) = match self.checkout().await {
+                Some(tx) => (tx, true),
                 None => (self.connect().await?, false),
             };
-            let mut answer = std::pin::pin!(conn.tx.try_send_request(req));
-            // The dispatcher first (it writes the request and reads the answer), then the answer.
-            // A connection that ends fails the answer, which is then ready.
-            let answer = poll_fn(|cx| {
-                let _ = conn.poll_io(cx);
-                answer.as_mut().poll(cx)
-            })
-            .await;
-            match answer {
-                Ok(res) => return Ok(self.track(res, conn)),
+            match tx.try_send_request(req).await {
+                Ok(res) => return Ok(self.track(res, tx)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
                     _ => return Err(SendError::Request(e.into_error())),
@@ -180,46 +116,55 @@ impl Pool {
 
     /// The most recently used idle connection that is still open, once hyper's dispatcher is
     /// ready for its next request.
-    async fn checkout(&self) -> Option<Conn> {
+    async fn checkout(&self) -> Option<SendRequest<Body>> {
         loop {
-            let mut conn = {
+            let mut tx = {
                 let mut idle = self.lock();
-                let (conn, since) = idle.conns.pop_back()?;
+                let (tx, since) = idle.conns.pop_back()?;
                 if since.elapsed() >= self.idle_timeout {
                     // The newest is expired, so are all: closed by dropping them.
                     idle.conns.clear();
                     return None;
                 }
-                conn
+                tx
             };
             // Put back when its response body ended: the dispatcher is done with that answer
-            // or is once polled again (here), and finds a close by the homeserver meanwhile.
-            if conn.ready().await {
-                return Some(conn);
+            // or about to be (it resolves at once, or within one turn of its connection task).
+            if tx.ready().await.is_ok() {
+                return Some(tx);
             }
         }
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<Conn, SendError> {
+    async fn connect(self: &Arc<Self>) -> Result<SendRequest<Body>, SendError> {
         let mut connector = self.connector.clone();
         let io = connector
             .call(self.origin.clone())
             .await
             .map_err(SendError::Connect)?;
-        let (tx, io) = http1::Builder::new()
+        let (tx, conn) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(SendError::Request)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "homeserver connection ended with an error");
+            }
+        });
         self.ensure_janitor();
-        Ok(Conn { tx, io: Some(io) })
+        Ok(tx)
     }
 
     /// The answer's body, holding its connection until it ends.
-    fn track(self: &Arc<Self>, res: Response<Incoming>, conn: Conn) -> Response<PooledBody> {
+    fn track(
+        self: &Arc<Self>,
+        res: Response<Incoming>,
+        tx: SendRequest<Body>,
+    ) -> Response<PooledBody> {
         let (parts, inner) = res.into_parts();
         let mut body = PooledBody {
             inner,
-            conn: Some((Arc::downgrade(self), conn)),
+            conn: Some((Arc::downgrade(self), tx)),
         };
         // An empty answer (204, Content-Length: 0) is never polled: its connection is free now.
         if hyper::body::Body::is_end_stream(&body.inner) {
@@ -228,22 +173,15 @@ impl Pool {
         Response::from_parts(parts, body)
     }
 
-    fn checkin(&self, conn: Conn) {
-        if conn.is_closed() {
+    fn checkin(&self, tx: SendRequest<Body>) {
+        if tx.is_closed() {
             return;
         }
-        let evicted = {
-            let mut idle = self.lock();
-            let evicted = if idle.conns.len() >= self.max_idle {
-                idle.conns.pop_front()
-            } else {
-                None
-            };
-            idle.conns.push_back((conn, Instant::now()));
-            evicted
-        };
-        // Closed outside the lock.
-        drop(evicted);
+        let mut idle = self.lock();
+        if idle.conns.len() >= self.max_idle {
+            idle.conns.pop_front();
+        }
+        idle.conns.push_back((tx, Instant::now()));
     }
 
     /// Closes idle connections past the timeout even when no request comes to find them, every
@@ -262,18 +200,12 @@ impl Pool {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(pool) = weak.upgrade() else { return };
-                let expired: Vec<_> = {
-                    let mut idle = pool.lock();
-                    let n = idle
-                        .conns
-                        .iter()
-                        .take_while(|(c, since)| {
-                            c.is_closed() || since.elapsed() >= pool.idle_timeout
-                        })
-                        .count();
-                    idle.conns.drain(..n).collect()
-                };
-                drop(expired);
+                let mut idle = pool.lock();
+                while idle.conns.front().is_some_and(|(tx, since)| {
+                    tx.is_closed() || since.elapsed() >= pool.idle_timeout
+                }) {
+                    idle.conns.pop_front();
+                }
             }
         });
     }
@@ -283,16 +215,15 @@ impl Pool {
 /// Dropped before its end, the connection is closed (the rest of that answer is still on it).
 pub struct PooledBody {
     inner: Incoming,
-    /// The connection, driven from here until the body ends.
-    conn: Option<(Weak<Pool>, Conn)>,
+    conn: Option<(Weak<Pool>, SendRequest<Body>)>,
 }
 
 impl PooledBody {
     fn give_back(&mut self) {
-        if let Some((pool, conn)) = self.conn.take()
+        if let Some((pool, tx)) = self.conn.take()
             && let Some(pool) = pool.upgrade()
         {
-            pool.checkin(conn);
+            pool.checkin(tx);
         }
     }
 }
@@ -305,10 +236,6 @@ impl hyper::body::Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        // The dispatcher reads the answer into `inner`: it is polled first.
-        if let Some((_, conn)) = self.conn.as_mut() {
-            let _ = conn.poll_io(cx);
-        }
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(None) => self.give_back(),
@@ -487,81 +414,6 @@ mod tests {
         }
         assert_eq!(p.idle_count(), 2);
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
-    }
-
-    /// No task drives a connection: the answer's body arrives while the body is polled, in the
-    /// caller's task (a current-thread runtime, nothing spawned but the test server).
-    #[tokio::test]
-    async fn an_answer_body_sent_late_and_in_parts_is_read_by_polling_the_body() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin: Uri = format!("http://{}/", l.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut head = [0u8; 4096];
-            let _ = s.read(&mut head).await.unwrap();
-            s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                .await
-                .unwrap();
-            for part in ["5\r\nhello\r\n", "6\r\n world\r\n", "0\r\n\r\n"] {
-                tokio::time::sleep(Duration::from_millis(30)).await;
-                s.write_all(part.as_bytes()).await.unwrap();
-            }
-            // Kept open: the connection is reusable.
-            let _ = s.read(&mut head).await;
-        });
-        let p = pool(&origin, IDLE_TIMEOUT, MAX_IDLE);
-        let body = tokio::time::timeout(Duration::from_secs(5), call(&p, &origin))
-            .await
-            .expect("the body was never read");
-        assert_eq!(&body[..], b"hello world");
-        assert_eq!(p.idle_count(), 1);
-    }
-
-    /// A request body larger than the socket buffers is written while the caller waits for the
-    /// answer (the dispatcher is polled by the request's future).
-    #[tokio::test]
-    async fn a_large_request_body_is_written_while_the_answer_is_awaited() {
-        const SIZE: usize = 8 << 20;
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin: Uri = format!("http://{}/", l.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut buf = Vec::new();
-            let mut chunk = vec![0u8; 65536];
-            let body_at = loop {
-                let n = s.read(&mut chunk).await.unwrap();
-                buf.extend_from_slice(&chunk[..n]);
-                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break end + 4;
-                }
-            };
-            let mut got = buf.len() - body_at;
-            while got < SIZE {
-                let n = s.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "body cut short at {got}");
-                got += n;
-            }
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{got}",
-                got.to_string().len()
-            );
-            s.write_all(answer.as_bytes()).await.unwrap();
-            let _ = s.read(&mut chunk).await;
-        });
-        let p = pool(&origin, IDLE_TIMEOUT, MAX_IDLE);
-        let req = Request::builder()
-            .method("POST")
-            .uri("/_matrix/media/v3/upload")
-            .header(http::header::HOST, origin.authority().unwrap().as_str())
-            .body(crate::body::full(vec![7u8; SIZE]))
-            .unwrap();
-        let res = p.send(req).await.unwrap();
-        let got = res.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(got, SIZE.to_string().as_bytes());
     }
 
     #[tokio::test]
