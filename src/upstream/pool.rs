@@ -416,6 +416,81 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
     }
 
+    /// An answer whose body comes later than its head, in parts, is read to its end and its
+    /// connection reused.
+    #[tokio::test]
+    async fn an_answer_body_sent_late_and_in_parts_is_read_by_polling_the_body() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}/", l.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = [0u8; 4096];
+            let _ = s.read(&mut head).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            for part in ["5\r\nhello\r\n", "6\r\n world\r\n", "0\r\n\r\n"] {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                s.write_all(part.as_bytes()).await.unwrap();
+            }
+            // Kept open: the connection is reusable.
+            let _ = s.read(&mut head).await;
+        });
+        let p = pool(&origin, IDLE_TIMEOUT, MAX_IDLE);
+        let body = tokio::time::timeout(Duration::from_secs(5), call(&p, &origin))
+            .await
+            .expect("the body was never read");
+        assert_eq!(&body[..], b"hello world");
+        assert_eq!(p.idle_count(), 1);
+    }
+
+    /// A request body larger than the socket buffers is written whole while the caller waits for
+    /// the answer.
+    #[tokio::test]
+    async fn a_large_request_body_is_written_while_the_answer_is_awaited() {
+        const SIZE: usize = 8 << 20;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}/", l.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; 65536];
+            let body_at = loop {
+                let n = s.read(&mut chunk).await.unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break end + 4;
+                }
+            };
+            let mut got = buf.len() - body_at;
+            while got < SIZE {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "body cut short at {got}");
+                got += n;
+            }
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{got}",
+                got.to_string().len()
+            );
+            s.write_all(answer.as_bytes()).await.unwrap();
+            let _ = s.read(&mut chunk).await;
+        });
+        let p = pool(&origin, IDLE_TIMEOUT, MAX_IDLE);
+        let req = Request::builder()
+            .method("POST")
+            .uri("/_matrix/media/v3/upload")
+            .header(http::header::HOST, origin.authority().unwrap().as_str())
+            .body(crate::body::full(vec![7u8; SIZE]))
+            .unwrap();
+        let res = p.send(req).await.unwrap();
+        let got = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got, SIZE.to_string().as_bytes());
+    }
+
     #[tokio::test]
     async fn an_unreachable_homeserver_is_a_connect_error() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
