@@ -5,7 +5,8 @@
 # the same rounds), BENCH_CASES (a subset of the proxy cases, e.g. "refresh_fresh_tokens"),
 # BENCH_QUICK=1 (throughput only: no latency or default-limits runs), BENCH_REDIS=1 (Redis
 # commands per request of every run, from INFO commandstats), BENCH_PROFILE /
-# BENCH_STRACE (directories: perf and strace of each proxy case).
+# BENCH_STRACE (directories: perf and strace of each proxy case), BENCH_CTX=1 (context
+# switches per request of the server measured and of the upstream nginx).
 #
 # Installs wrk and nginx with apt when missing, builds the release proxy, then starts its own
 #   - redis-server on a unix socket (never the machine's 6379),
@@ -243,6 +244,8 @@ results="$tmp/results"
 : >"$results"
 # CPU time of a process, all threads (ns on CPU, /proc/PID/task/*/schedstat).
 cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{n+=$1} END {printf "%d", n}'; }
+# Context switches of a process, all threads (voluntary and not).
+ctx_sw() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n+=$2} END {printf "%d", n}'; }
 up_worker=$(pgrep -P "${nginx_master[upstream]}" | head -1)
 base_worker=$(pgrep -P "${nginx_master[baseline]}" | head -1)
 # run CASE ARGS...: one wrk run; appends "case rps p50_ms p99_ms non2xx server_us redis_us
@@ -259,11 +262,19 @@ run() {
     esac
     local s0 r0 u0
     s0=$(cpu_ns "$server") r0=$(cpu_ns "$redis_pid") u0=$(cpu_ns "$up_worker")
+    local x0 xu0
+    x0=$(ctx_sw "$server") xu0=$(ctx_sw "$up_worker")
     redis-cli -s "$tmp/redis.sock" CONFIG RESETSTAT >/dev/null
     $load wrk -t1 "$@" --latency >"$tmp/wrk.out" 2>&1
     # Redis commands per request (scripts' own calls included), into $tmp/redis.NAME.
     redis-cli -s "$tmp/redis.sock" INFO commandstats >"$tmp/redis.$name"
     local cpu="$(($(cpu_ns "$server") - s0)) $(($(cpu_ns "$redis_pid") - r0)) $(($(cpu_ns "$up_worker") - u0))"
+    # BENCH_CTX=1: context switches per request of the server measured and of the upstream.
+    if [[ -n "${BENCH_CTX:-}" ]]; then
+        local n x="$(($(ctx_sw "$server") - x0)) $(($(ctx_sw "$up_worker") - xu0))"
+        n=$(awk '/requests in/ {print $1}' "$tmp/wrk.out")
+        awk -v n="$n" -v name="$name" -v x="$x" 'BEGIN {split(x, a, " "); printf "  ctx %s: server %.3f, upstream %.3f context switches per request\n", name, a[1] / n, a[2] / n}' >&2
+    fi
     python3 -c '
 import re, sys
 name, cpu = sys.argv[1], [int(x) for x in sys.argv[2].split()]
