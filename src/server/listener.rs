@@ -34,7 +34,12 @@ fn builder(http: &HttpConfig) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(http.header_read_timeout)
-        .max_buf_size(MAX_HEAD_BYTES);
+        .max_buf_size(MAX_HEAD_BYTES)
+        // One buffer and one write(2) per answer instead of a writev(2) of head and body
+        // slices: cheaper for the small answers of the hot path (issue 11: +2-5 % req/s and
+        // -3-6 % CPU per request side by side, access-token and passthrough cases). A large
+        // body is copied once more in user space, chunk by chunk.
+        .writev(false);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -142,7 +142,9 @@ impl Pool {
             .call(self.origin.clone())
             .await
             .map_err(SendError::Connect)?;
+        // Requests are flattened into one buffer, as answers are (server/listener.rs `builder`).
         let (tx, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(io)
             .await
             .map_err(SendError::Request)?;
