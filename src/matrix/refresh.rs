@@ -1,6 +1,6 @@
 //! `POST /refresh` (spec "Refreshing access tokens"): what its body must hold, and its answer.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// Why a `/refresh` body was refused (each becomes its own Matrix error).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,11 +29,23 @@ pub fn parse(body: &[u8]) -> Result<String, RefreshBodyError> {
     }
 }
 
-/// The answer to a successful refresh: `{access_token, refresh_token, expires_in_ms}`.
-pub fn answer(access_token: &str, refresh_token: &str, expires_in_ms: u64) -> Value {
-    let mut obj = Map::new();
-    super::insert_pair(&mut obj, access_token, refresh_token, expires_in_ms);
-    Value::Object(obj)
+/// The answer to a successful refresh: `{access_token, refresh_token, expires_in_ms}`, as JSON
+/// text. Serialized from a typed struct rather than a built `Value` map (issue 11: building and
+/// printing the map was 3.7 % of the proxy's time per refresh); the members are the ones
+/// `insert_pair` gives the login answer.
+pub fn answer(access_token: &str, refresh_token: &str, expires_in_ms: u64) -> String {
+    #[derive(serde::Serialize)]
+    struct Answer<'a> {
+        access_token: &'a str,
+        refresh_token: &'a str,
+        expires_in_ms: u64,
+    }
+    serde_json::to_string(&Answer {
+        access_token,
+        refresh_token,
+        expires_in_ms,
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -68,9 +80,13 @@ mod tests {
 
     #[test]
     fn answer_has_the_three_members() {
+        let v: Value = serde_json::from_str(&answer("a", "r", 300_000)).unwrap();
         assert_eq!(
-            answer("a", "r", 300_000),
+            v,
             json!({"access_token": "a", "refresh_token": "r", "expires_in_ms": 300_000})
         );
+        // Token text is escaped like any JSON string.
+        let v: Value = serde_json::from_str(&answer("a\"b", "r", 1)).unwrap();
+        assert_eq!(v["access_token"], "a\"b");
     }
 }

@@ -5,7 +5,7 @@
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde_json::json;
 
-use super::{ApiError, App, json_response, read_body, with_user};
+use super::{ApiError, App, json_response, json_text_response, read_body, with_user};
 use crate::body::{Body, ClientBody};
 use crate::matrix::purge::PurgeCause;
 use crate::session::Refreshed;
@@ -65,7 +65,7 @@ fn respond(app: &App, outcome: Refreshed) -> Result<Response<Body>, ApiError> {
                 pair.refresh.expose(),
                 pair.expires_in_ms,
             );
-            let mut res = json_response(StatusCode::OK, &answer);
+            let mut res = json_text_response(StatusCode::OK, answer);
             // Tokens must not be cached by intermediaries (RFC 6749 §5.1).
             res.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -23,7 +23,12 @@ pub fn cors(h: &mut HeaderMap) {
 
 /// A JSON answer made by the proxy.
 pub fn json_response(status: http::StatusCode, v: &serde_json::Value) -> Response<Body> {
-    let mut res = Response::new(full(v.to_string()));
+    json_text_response(status, v.to_string())
+}
+
+/// [`json_response`] for a body already serialized.
+pub fn json_text_response(status: http::StatusCode, text: String) -> Response<Body> {
+    let mut res = Response::new(full(text));
     *res.status_mut() = status;
     res.headers_mut().insert(
         header::CONTENT_TYPE,
