@@ -276,14 +276,20 @@ mod tests {
     use super::*;
     use crate::config::UpstreamConfig;
 
+    /// A loopback listener for a homeserver stand-in, and its origin.
+    async fn listen() -> (TcpListener, Uri) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}/", l.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        (l, origin)
+    }
+
     /// A homeserver stand-in on loopback: counts the connections it accepted and answers each
     /// request head with `answer`; with `close_after`, it closes a connection after its first
     /// answer.
     async fn server(answer: &'static [u8], close_after: bool) -> (Uri, Arc<AtomicUsize>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin: Uri = format!("http://{}/", l.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let (l, origin) = listen().await;
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
@@ -421,11 +427,8 @@ mod tests {
     /// An answer whose body comes later than its head, in parts, is read to its end and its
     /// connection reused.
     #[tokio::test]
-    async fn an_answer_body_sent_late_and_in_parts_is_read_by_polling_the_body() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin: Uri = format!("http://{}/", l.local_addr().unwrap())
-            .parse()
-            .unwrap();
+    async fn an_answer_body_sent_late_and_in_parts_is_read_whole() {
+        let (l, origin) = listen().await;
         tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
             let mut head = [0u8; 4096];
@@ -453,10 +456,7 @@ mod tests {
     #[tokio::test]
     async fn a_large_request_body_is_written_while_the_answer_is_awaited() {
         const SIZE: usize = 8 << 20;
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin: Uri = format!("http://{}/", l.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let (l, origin) = listen().await;
         tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
             let mut buf = Vec::new();
