@@ -5,8 +5,10 @@
 # the same rounds), BENCH_CASES (a subset of the proxy cases, e.g. "refresh_fresh_tokens"),
 # BENCH_QUICK=1 (throughput only: no latency or default-limits runs), BENCH_REDIS=1 (Redis
 # commands per request of every run, from INFO commandstats), BENCH_PROFILE /
-# BENCH_STRACE (directories: perf and strace of each proxy case), BENCH_CTX=1 (context
-# switches per request of the server measured and of the upstream nginx).
+# BENCH_STRACE (directories: perf and strace of each proxy case, and of nginx), BENCH_CTX=1
+# (context switches per request of the server measured and of the upstream nginx), BENCH_FLOOR=1
+# (also examples/hyper_floor.rs, a bare hyper proxy with none of the proxy's work: what any
+# proxy on hyper and tokio can reach here).
 #
 # Installs wrk and nginx with apt when missing, builds the release proxy, then starts its own
 #   - redis-server on a unix socket (never the machine's 6379),
@@ -18,9 +20,10 @@
 # wrk runs on CPU 0, every server on CPU 1 (TOKIO_WORKER_THREADS=1, nginx worker_processes 1).
 # Each throughput case runs `rounds` times, interleaved with the others; medians are printed
 # with the ratio to nginx. Latency: p50/p99 at a fixed offered rate of 50 % of nginx's median
-# rate. wrk2 is not packaged in Debian, so the fixed rate is wrk with a per-connection Lua
-# delay() (N connections x one request per D ms; closed loop, so unlike wrk2 it does not
-# correct coordinated omission; the achieved rate is printed). Other work on the machine makes
+# rate. wrk2 is not packaged in Debian, so the fixed rate is wrk with a Lua delay() that keeps
+# wrk2's schedule (the n-th request due at start + n/rate, whatever the answers' latency; wrk's
+# timers tick in whole ms, and latency is counted from the actual send, so coordinated omission
+# is not corrected as wrk2 does; the achieved rate is printed). Other work on the machine makes
 # absolute numbers noisy: compare the ratios within one run.
 set -euo pipefail
 secs="${1:-5}"
@@ -181,6 +184,16 @@ pids+=($!)
 # BENCH_BEFORE=BINARY: an older build of the proxy, same config on its own port, measured in the
 # same rounds as the current one (before/after side by side under the same machine load).
 wait_ports=("$ngx_port" "$bare_port" "$proxy_port" "$def_port")
+# BENCH_FLOOR=1: also measure examples/hyper_floor.rs (a bare hyper proxy: no routing, logging,
+# metrics or sessions), the floor of any proxy on hyper and tokio here.
+if [[ -n "${BENCH_FLOOR:-}" ]]; then
+    cargo build --release --quiet --example hyper_floor
+    floor_port=$(free_port)
+    $serve target/release/examples/hyper_floor "127.0.0.1:$floor_port" "127.0.0.1:$up_port" &
+    floor_pid=$!
+    pids+=($floor_pid)
+    wait_ports+=("$floor_port")
+fi
 if [[ -n "${BENCH_BEFORE:-}" ]]; then
     before_port=$(free_port)
     proxy_config "$before_port" null \
@@ -232,12 +245,31 @@ response = function(status, headers, body)
     if rt then pool[#pool + 1] = rt end
 end
 LUA
-# Fixed offered rate: one request per DELAY_MS per connection.
+# Fixed offered rate (wrk2-style schedule): RATE requests per second for the one wrk thread, the
+# n-th sent at start + n/RATE whatever the answers' latency, so every target gets the same load
+# (a fixed pause after each answer would offer a slower target less). wrk's timers count whole
+# ms, so requests leave in bursts at each ms tick; a target more than 10 ms behind is not owed
+# the backlog. Latency is wrk's (from the actual send).
 cat >"$tmp/rate.lua" <<'LUA'
+local ffi = require("ffi")
+ffi.cdef [[
+typedef struct { long tv_sec; long tv_nsec; } mrp_timespec;
+int clock_gettime(int clock, mrp_timespec *t);
+]]
+local ts = ffi.new("mrp_timespec")
+local function now_ms()
+    ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+    return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
 local auth = os.getenv("BENCH_AUTH")
 if auth and auth ~= "" then wrk.headers["Authorization"] = auth end
-local d = tonumber(os.getenv("DELAY_MS"))
-delay = function() return d end
+local interval = 1000 / tonumber(os.getenv("RATE"))
+local next_at
+delay = function()
+    local now = now_ms()
+    next_at = math.max((next_at or now) + interval, now - 10)
+    return math.max(0, math.floor(next_at - now))
+end
 LUA
 
 results="$tmp/results"
@@ -259,6 +291,7 @@ run() {
     case "$name" in
         nginx* | lat_nginx*) server="$base_worker" ;;
         before_* | lat_before_*) server="$before_pid" ;;
+        hyper_floor*) server="$floor_pid" ;;
     esac
     local s0 r0 u0
     s0=$(cpu_ns "$server") r0=$(cpu_ns "$redis_pid") u0=$(cpu_ns "$up_worker")
@@ -326,6 +359,7 @@ case_args() {
     case "$1" in
         nginx) echo "$ngx/account/whoami" ;;
         nginx_bare) echo "$bare/account/whoami" ;;
+        hyper_floor) echo "http://127.0.0.1:$floor_port/_matrix/client/v3/account/whoami" ;;
         proxy_access_token) echo "-H|Authorization: Bearer $at|$prx/account/whoami" ;;
         hs_token_passthrough) echo "-H|Authorization: Bearer syt_bench_homeserver_token|$prx/account/whoami" ;;
         anonymous_passthrough) echo "$prx/account/whoami" ;;
@@ -339,6 +373,7 @@ if [[ -n "${BENCH_CASES:-}" ]]; then
     read -r -a proxy_cases <<<"$BENCH_CASES"
 fi
 cases=(nginx nginx_bare "${proxy_cases[@]}")
+[[ -z "${BENCH_FLOOR:-}" ]] || cases+=(hyper_floor)
 if [[ -n "${BENCH_BEFORE:-}" ]]; then
     for c in "${proxy_cases[@]}"; do cases+=("before_$c"); done
 fi
@@ -403,16 +438,18 @@ if [[ -n "${BENCH_PROFILE:-}" ]]; then
 fi
 if [[ -n "${BENCH_STRACE:-}" ]]; then
     mkdir -p "$BENCH_STRACE"
-    for c in "${proxy_cases[@]}"; do
-        strace -c -f -p "$proxy_pid" -o "$BENCH_STRACE/$c.strace" &
+    # nginx too (its worker): the syscalls a plain proxy makes per request, for comparison.
+    for c in nginx "${proxy_cases[@]}"; do
+        target="$proxy_pid"
+        [[ "$c" == nginx ]] && target="$base_worker"
+        strace -c -f -p "$target" -o "$BENCH_STRACE/$c.strace" &
         st=$!
         sleep 0.5
-        before=$(curl -fs "http://127.0.0.1:$admin_port/metrics" | awk '/^mrp_http_requests_total/ {n+=$2} END {print n+0}')
         run_case "$c" "strace_$c"
-        after=$(curl -fs "http://127.0.0.1:$admin_port/metrics" | awk '/^mrp_http_requests_total/ {n+=$2} END {print n+0}')
         kill -INT "$st"
         wait "$st" 2>/dev/null || true
-        python3 - "$BENCH_STRACE/$c.strace" "$((after - before))" "$c" <<'PY2' | tee "$BENCH_STRACE/$c.txt" >&2
+        n=$(awk '/requests in/ {print $1}' "$tmp/wrk.out")
+        python3 - "$BENCH_STRACE/$c.strace" "$n" "$c" <<'PY2' | tee "$BENCH_STRACE/$c.txt" >&2
 import sys
 path, n, case = sys.argv[1], max(1, int(sys.argv[2])), sys.argv[3]
 rows = []
@@ -430,14 +467,15 @@ fi
 if [[ -z "${BENCH_QUICK:-}" ]]; then
 # Latency at 50 % of nginx's median maximum rate, same offered rate for every target.
 nginx_max=$(awk '$1=="nginx" {print $2}' "$results" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-delay_ms=2
-lat_conns=$(python3 -c "print(max(1, round($nginx_max * 0.5 * $delay_ms / 1000)))")
-echo "latency: offered $(python3 -c "print(round($lat_conns*1000/$delay_ms))") req/s ($lat_conns connections x 1 per ${delay_ms} ms), 10s each" >&2
+rate=$(python3 -c "print(round($nginx_max * 0.5))")
+# Enough connections that none has to wait for a free one at the offered rate (a burst per ms).
+lat_conns=$(python3 -c "print(max(16, round($rate * 3 / 1000)))")
+echo "latency: offered $rate req/s (fixed schedule, $lat_conns connections), 10s each" >&2
 for r in 1 2; do
-    DELAY_MS=$delay_ms BENCH_AUTH="" run lat_nginx -c"$lat_conns" -d10s -s "$tmp/rate.lua" "$ngx/account/whoami"
-    DELAY_MS=$delay_ms BENCH_AUTH="Bearer $at" run lat_proxy_access_token -c"$lat_conns" -d10s -s "$tmp/rate.lua" "$prx/account/whoami"
+    RATE=$rate BENCH_AUTH="" run lat_nginx -c"$lat_conns" -d10s -s "$tmp/rate.lua" "$ngx/account/whoami"
+    RATE=$rate BENCH_AUTH="Bearer $at" run lat_proxy_access_token -c"$lat_conns" -d10s -s "$tmp/rate.lua" "$prx/account/whoami"
     if [[ -n "${BENCH_BEFORE:-}" ]]; then
-        DELAY_MS=$delay_ms BENCH_AUTH="Bearer $at" run lat_before_proxy_access_token -c"$lat_conns" -d10s -s "$tmp/rate.lua" \
+        RATE=$rate BENCH_AUTH="Bearer $at" run lat_before_proxy_access_token -c"$lat_conns" -d10s -s "$tmp/rate.lua" \
             "http://127.0.0.1:$before_port/_matrix/client/v3/account/whoami"
     fi
 done
@@ -470,7 +508,7 @@ bare = med("nginx_bare", 0)
 cpu = lambda name: med(name, 4) + med(name, 5) + med(name, 6)
 print(f"{'case (GET /account/whoami unless named)':42} {'req/s':>9} {'x nginx':>8} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} {'server us/req':>14} {'redis':>6} {'upstream':>8} {'x nginx CPU':>12}")
 names = ["nginx", "nginx_bare", "proxy_access_token", "hs_token_passthrough",
-         "anonymous_passthrough", "refresh_fresh_tokens", "login_wrapping"]
+         "anonymous_passthrough", "refresh_fresh_tokens", "login_wrapping", "hyper_floor"]
 names += ["before_" + n for n in names[2:] if "before_" + n in rows]
 for name in [n for n in names if n in rows]:
     bad = sum(r[3] for r in rows[name])
