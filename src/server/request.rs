@@ -22,6 +22,7 @@ use crate::ratelimit::client_ip::client_ip;
 use crate::telemetry::access::{self, AccessLine};
 use crate::telemetry::metrics::InFlightGauge;
 use crate::telemetry::request_id::{self, RequestId};
+use crate::telemetry::scope::{self, RequestScope};
 use crate::upstream::ClientConn;
 
 /// Unread request bodies up to this size are read and discarded before a self-made answer, so
@@ -112,13 +113,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ClientConn) -> 
         started,
         armed: true,
     };
-    // Lines logged while handling (warnings, purges) carry the request id too.
-    let span = tracing::info_span!("request", request_id = %request_id);
     // The futures of the rarer, larger handlers (and of the rate limits) are boxed: unboxed,
     // this future was 6.7 KB, the size of the largest, and every request copied it around
     // (`memmove` was 5 % of the proxy's CPU on the access-token path, issue 11). Passthrough,
     // the hot path, stays inline: boxing it too measured slower (one more allocation).
-    let result = async {
+    let work = async {
         if rate_limited_route(&app, &route, &req) {
             Box::pin(rate_limit(&app, &route, &req, conn.peer)).await?;
         }
@@ -129,9 +128,16 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ClientConn) -> 
             }
             other => passthrough::handle(&app, req, other.clone(), &conn).await,
         }
-    }
-    .instrument(span)
-    .await;
+    };
+    // Lines logged while handling (warnings, purges) carry the request id too: from a
+    // thread-local while the handler is polled, or from a span where our formatter is not
+    // installed (telemetry/scope.rs).
+    let result = if scope::enabled() {
+        RequestScope::new(request_id.clone(), work).await
+    } else {
+        work.instrument(tracing::info_span!("request", request_id = %request_id))
+            .await
+    };
     abandoned.armed = false;
     let mut res = match result {
         Ok(r) => r,

@@ -11,6 +11,7 @@
 pub mod access;
 pub mod metrics;
 pub mod request_id;
+pub mod scope;
 
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -45,9 +46,22 @@ pub fn init(cfg: &LogConfig) {
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(ansi);
+    // Lines logged while a request is handled get its id from `scope` (no span per request).
     let installed = match cfg.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => {
+            let inner = tracing_subscriber::fmt::format().json().flatten_event(true);
+            builder
+                .json()
+                .flatten_event(true)
+                .event_format(scope::SpanPrefix::new(inner, cfg.format))
+                .try_init()
+        }
+        LogFormat::Pretty => builder
+            .event_format(scope::SpanPrefix::new(
+                tracing_subscriber::fmt::format(),
+                cfg.format,
+            ))
+            .try_init(),
     };
     // The request lines take the fast path only where it writes what this subscriber would.
     if installed.is_ok() && !ansi {

@@ -49,6 +49,11 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages have none: one pass over their few names (mostly standard ones, compared
+    // as enum tags) instead of nine hashed look-ups (issue 11).
+    if !any_of(h, &HOP_BY_HOP) {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -64,6 +69,11 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
     for n in &HOP_BY_HOP {
         h.remove(n);
     }
+}
+
+/// Whether `h` has any header named in `names`.
+fn any_of(h: &HeaderMap, names: &[HeaderName]) -> bool {
+    h.keys().any(|k| names.contains(k))
 }
 
 /// Sets `Content-Length` to the length of a body the proxy rebuilt (the old value is stale).
@@ -95,7 +105,7 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 pub fn prepare_request(h: &mut HeaderMap, conn: &ClientConn) {
     let peer_trusted = conn.trusted;
     remove_hop_by_hop(h);
-    if !peer_trusted {
+    if !peer_trusted && any_of(h, &UNTRUSTED_FORWARDING) {
         for n in &UNTRUSTED_FORWARDING {
             h.remove(n);
         }
@@ -210,5 +220,26 @@ mod tests {
             prepare_request(&mut h, &conn("10.0.0.1", trusted));
             assert_eq!(h["x-forwarded-proto"], want, "{sent:?} trusted={trusted}");
         }
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_removed() {
+        for name in HOP_BY_HOP.iter().chain(&UNTRUSTED_FORWARDING) {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+            h.insert(name.clone(), HeaderValue::from_static("1"));
+            h.insert("x-custom", HeaderValue::from_static("kept"));
+            prepare_request(&mut h, &conn("10.0.0.1", false));
+            if *name != X_FORWARDED_FOR {
+                assert!(!h.contains_key(name), "{name} kept");
+            }
+            assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+            assert_eq!(h["x-custom"], "kept");
+            assert_eq!(h[header::ACCEPT], "*/*");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
     }
 }
