@@ -48,14 +48,14 @@ pub fn init(cfg: &LogConfig) {
         .with_ansi(ansi);
     // Lines logged while a request is handled get its id from `scope` (no span per request).
     let installed = match cfg.format {
-        LogFormat::Json => {
-            let inner = tracing_subscriber::fmt::format().json().flatten_event(true);
-            builder
-                .json()
-                .flatten_event(true)
-                .event_format(scope::SpanPrefix::new(inner, cfg.format))
-                .try_init()
-        }
+        // JSON lines: JSON fields, and the JSON event format (flattened) inside the prefix.
+        LogFormat::Json => builder
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(scope::SpanPrefix::new(
+                tracing_subscriber::fmt::format().json().flatten_event(true),
+                cfg.format,
+            ))
+            .try_init(),
         LogFormat::Pretty => builder
             .event_format(scope::SpanPrefix::new(
                 tracing_subscriber::fmt::format(),

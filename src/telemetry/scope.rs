@@ -175,8 +175,8 @@ mod tests {
                 tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), run)
             }
             (LogFormat::Json, true) => {
-                let b = builder.json().flatten_event(true);
                 let inner = tracing_subscriber::fmt::format().json().flatten_event(true);
+                let b = builder.fmt_fields(tracing_subscriber::fmt::format::JsonFields::new());
                 tracing::subscriber::with_default(
                     b.event_format(SpanPrefix::new(inner, format)).finish(),
                     run,
