@@ -9,7 +9,8 @@
 //! and the event formatter ([`SpanPrefix`]) writes the span's text into the few lines logged
 //! meanwhile: byte for byte what the span-based formatter writes, text or JSON (the tests
 //! compare the two). Used only where [`super::access`]'s fast path is (our own subscriber, no
-//! ANSI colours); elsewhere the handler keeps the real span ([`enabled`]).
+//! ANSI colours); elsewhere the scope enters a real span instead ([`enabled`]). One future type
+//! for both: two, in two branches, would each take their room in the request's future.
 
 use std::cell::Cell;
 use std::fmt;
@@ -36,9 +37,11 @@ pub fn enabled() -> bool {
 }
 
 pin_project_lite::pin_project! {
-    /// A request's future, with its id in [`CURRENT`] while it is polled.
+    /// A request's future, with its id in [`CURRENT`] (or its span entered, where [`enabled`]
+    /// is false) while it is polled.
     pub struct RequestScope<F> {
         id: Option<RequestId>,
+        span: tracing::Span,
         #[pin]
         inner: F,
     }
@@ -46,8 +49,27 @@ pin_project_lite::pin_project! {
 
 impl<F> RequestScope<F> {
     pub fn new(id: RequestId, inner: F) -> Self {
+        if enabled() {
+            RequestScope {
+                id: Some(id),
+                span: tracing::Span::none(),
+                inner,
+            }
+        } else {
+            RequestScope {
+                span: tracing::info_span!("request", request_id = %id),
+                id: None,
+                inner,
+            }
+        }
+    }
+
+    /// A scope that sets the thread-local whatever [`enabled`] says (the tests').
+    #[cfg(test)]
+    fn scoped(id: RequestId, inner: F) -> Self {
         RequestScope {
             id: Some(id),
+            span: tracing::Span::none(),
             inner,
         }
     }
@@ -58,7 +80,11 @@ impl<F: Future> Future for RequestScope<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
+        let _entered = this.span.enter();
         // Put back whatever was there: a scope polled inside another (none today) restores it.
+        if this.id.is_none() {
+            return this.inner.poll(cx);
+        }
         let outer = CURRENT.with(|c| c.replace(this.id.take()));
         let out = this.inner.poll(cx);
         *this.id = CURRENT.with(|c| c.replace(outer));
@@ -211,7 +237,9 @@ mod tests {
                 let reference = logged(format, false, || {
                     handler().instrument(tracing::info_span!("request", request_id = %rid))
                 });
-                let scoped = logged(format, true, || RequestScope::new(rid.clone(), handler()));
+                let scoped = logged(format, true, || {
+                    RequestScope::scoped(rid.clone(), handler())
+                });
                 assert_eq!(reference.len(), 3);
                 assert!(
                     reference.iter().all(|l| l.contains("request_id")),
@@ -239,7 +267,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let seen = rt.block_on(RequestScope::new(rid, async {
+        let seen = rt.block_on(RequestScope::scoped(rid, async {
             tokio::task::yield_now().await;
             current()
         }));

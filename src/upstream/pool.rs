@@ -102,7 +102,9 @@ impl Pool {
         loop {
             let (mut tx, reused) = match self.checkout().await {
                 Some(tx) => (tx, true),
-                None => (self.connect().await?, false),
+                // Boxed: a connect (TCP, TLS, handshake) is rare and its future large (~2.5 KB);
+                // inline, every request's future would carry its room and be moved with it.
+                None => (Box::pin(self.connect()).await?, false),
             };
             match tx.try_send_request(req).await {
                 Ok(res) => return Ok(self.track(res, tx)),
