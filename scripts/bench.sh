@@ -276,14 +276,17 @@ results="$tmp/results"
 : >"$results"
 # CPU time of a process, all threads (ns on CPU, /proc/PID/task/*/schedstat).
 cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{n+=$1} END {printf "%d", n}'; }
+# User and kernel CPU time of a process, all threads, in clock ticks (/proc/PID/stat utime stime).
+user_sys() { awk '{printf "%d %d", $14, $15}' /proc/"$1"/stat 2>/dev/null || echo "0 0"; }
 # Context switches of a process, all threads (voluntary and not).
 ctx_sw() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n+=$2} END {printf "%d", n}'; }
 up_worker=$(pgrep -P "${nginx_master[upstream]}" | head -1)
 base_worker=$(pgrep -P "${nginx_master[baseline]}" | head -1)
 # run CASE ARGS...: one wrk run; appends "case rps p50_ms p99_ms non2xx server_us redis_us
-# upstream_us" to $results. The last three are CPU time per request of the server measured (the
-# proxy, or the baseline nginx for nginx cases), of redis and of the upstream nginx: on a shared
-# machine they drift far less than throughput does.
+# upstream_us kernel_share" to $results. Then come CPU time per request of the server measured
+# (the proxy, or the baseline nginx for nginx cases), of redis and of the upstream nginx (on a
+# shared machine they drift far less than throughput does), and the kernel's share of the
+# server's time (printed as "kernel" us/req: what no user-space work can remove).
 run() {
     local name="$1"
     shift
@@ -295,13 +298,14 @@ run() {
     esac
     local s0 r0 u0
     s0=$(cpu_ns "$server") r0=$(cpu_ns "$redis_pid") u0=$(cpu_ns "$up_worker")
-    local x0 xu0
-    x0=$(ctx_sw "$server") xu0=$(ctx_sw "$up_worker")
+    local x0 xu0 us0
+    x0=$(ctx_sw "$server") xu0=$(ctx_sw "$up_worker") us0=$(user_sys "$server")
     redis-cli -s "$tmp/redis.sock" CONFIG RESETSTAT >/dev/null
     $load wrk -t1 "$@" --latency >"$tmp/wrk.out" 2>&1
     # Redis commands per request (scripts' own calls included), into $tmp/redis.NAME.
     redis-cli -s "$tmp/redis.sock" INFO commandstats >"$tmp/redis.$name"
     local cpu="$(($(cpu_ns "$server") - s0)) $(($(cpu_ns "$redis_pid") - r0)) $(($(cpu_ns "$up_worker") - u0))"
+    local split="$us0 $(user_sys "$server")"
     # BENCH_CTX=1: context switches per request of the server measured and of the upstream.
     if [[ -n "${BENCH_CTX:-}" ]]; then
         local n x="$(($(ctx_sw "$server") - x0)) $(($(ctx_sw "$up_worker") - xu0))"
@@ -323,8 +327,11 @@ m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
 bad = int(m.group(1)) if m else 0
 m = re.search(r"Socket errors: (.*)", text)
 if m: bad += sum(int(x) for x in re.findall(r"\d+", m.group(1)))
-print(name, rps, p50, p99, bad, *(f"{c / n / 1000:.2f}" for c in cpu))
-' "$name" "$cpu" "$tmp/wrk.out" >>"$results"
+# The kernel's share of the server's CPU time (syscalls, the loopback TCP stack, scheduling).
+u0, k0, u1, k1 = (int(x) for x in sys.argv[4].split())
+kernel = (k1 - k0) / max(1, (u1 - u0) + (k1 - k0))
+print(name, rps, p50, p99, bad, *(f"{c / n / 1000:.2f}" for c in cpu), f"{kernel:.3f}")
+' "$name" "$cpu" "$tmp/wrk.out" "$split" >>"$results"
     # BENCH_REDIS=1: print the Redis commands per request of each run.
     if [[ -n "${BENCH_REDIS:-}" ]]; then
         python3 - "$name" "$tmp/redis.$name" "$tmp/wrk.out" <<'PY3' >&2
@@ -486,7 +493,8 @@ run defaults_refresh -c"$conns" -d"${secs}s" -s "$tmp/refresh.lua" "$dfl/refresh
 run defaults_login -c"$conns" -d"${secs}s" -s "$tmp/login.lua" "$dfl/login"
 fi
 rss_after=$(rss "$proxy_pid")
-# BENCH_RESULTS=FILE: keep the raw rows (case rps p50 p99 non2xx server_us redis_us upstream_us).
+# BENCH_RESULTS=FILE: keep the raw rows (case rps p50 p99 non2xx server_us redis_us upstream_us
+# kernel_share).
 [[ -z "${BENCH_RESULTS:-}" ]] || cp "$results" "$BENCH_RESULTS"
 echo "  load after: $(uptime)" >&2
 # The token cache of the measured proxy over the whole run: a bypass is a lookup made while the
@@ -498,21 +506,21 @@ python3 - "$results" "$rss_idle" "$rss_after" "$(nginx -v 2>&1 | sed 's/.*\///')
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
-    name, rps, p50, p99, bad, cs, cr, cu = line.split()
-    rows.setdefault(name, []).append((float(rps), float(p50), float(p99), int(bad), float(cs), float(cr), float(cu)))
+    name, rps, p50, p99, bad, cs, cr, cu, ks = line.split()
+    rows.setdefault(name, []).append((float(rps), float(p50), float(p99), int(bad), float(cs), float(cr), float(cu), float(cs) * float(ks)))
 med = lambda name, i: statistics.median(r[i] for r in rows[name])
 base = med("nginx", 0)
 bare = med("nginx_bare", 0)
 # CPU time per request of everything on the servers' CPU (server, redis, upstream): with that
 # CPU to themselves, throughput would be its inverse; "x nginx CPU" is that projected ratio.
 cpu = lambda name: med(name, 4) + med(name, 5) + med(name, 6)
-print(f"{'case (GET /account/whoami unless named)':42} {'req/s':>9} {'x nginx':>8} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} {'server us/req':>14} {'redis':>6} {'upstream':>8} {'x nginx CPU':>12}")
+print(f"{'case (GET /account/whoami unless named)':42} {'req/s':>9} {'x nginx':>8} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} {'server us/req':>14} {'kernel':>7} {'redis':>6} {'upstream':>8} {'x nginx CPU':>12}")
 names = ["nginx", "nginx_bare", "proxy_access_token", "hs_token_passthrough",
          "anonymous_passthrough", "refresh_fresh_tokens", "login_wrapping", "hyper_floor"]
 names += ["before_" + n for n in names[2:] if "before_" + n in rows]
 for name in [n for n in names if n in rows]:
     bad = sum(r[3] for r in rows[name])
-    print(f"{name:42} {med(name,0):9.0f} {med(name,0)/base:8.2f} {med(name,0)/bare:7.2f} {med(name,1):7.2f} {med(name,2):7.2f} {bad:8} {med(name,4):14.1f} {med(name,5):6.1f} {med(name,6):8.1f} {cpu('nginx')/cpu(name):12.2f}")
+    print(f"{name:42} {med(name,0):9.0f} {med(name,0)/base:8.2f} {med(name,0)/bare:7.2f} {med(name,1):7.2f} {med(name,2):7.2f} {bad:8} {med(name,4):14.1f} {med(name,7):7.1f} {med(name,5):6.1f} {med(name,6):8.1f} {cpu('nginx')/cpu(name):12.2f}")
 print()
 print("fixed rate (50 % of nginx max), median of 2:")
 for name in [n for n in ["lat_nginx", "lat_proxy_access_token", "lat_before_proxy_access_token"] if n in rows]:

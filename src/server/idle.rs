@@ -1,5 +1,5 @@
 //! Per-connection bookkeeping for the idle keep-alive timeout: an I/O wrapper that stamps every
-//! byte read or written, and a count of requests being handled on the connection.
+//! byte read or written (a flag, no clock read), and a count of requests being handled on the connection.
 //!
 //! A connection is idle when no request is in flight and no byte moved for `idle_timeout`; a
 //! long-poll `/sync` (a request in flight) or a slow download (bytes moving) is never idle.
@@ -7,34 +7,36 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Shared between the I/O wrapper, the service and the idle watcher of one connection.
+///
+/// Every read, write and request start or end sets `moved`; the watcher looks at it (and
+/// clears it) a few times per timeout. So the hot path stores one flag instead of reading the
+/// clock on every read and write (issue 11), and an idle connection is closed between
+/// `idle_timeout` and `idle_timeout + idle_timeout / CHECKS` after it went quiet.
 pub struct Activity {
-    start: Instant,
-    /// Milliseconds since `start` of the last byte moved.
-    last: AtomicU64,
+    moved: AtomicBool,
     in_flight: AtomicUsize,
 }
+
+/// How many times per `idle_timeout` the watcher looks.
+const CHECKS: u32 = 4;
 
 impl Activity {
     pub fn new() -> Arc<Self> {
         Arc::new(Activity {
-            start: Instant::now(),
-            last: AtomicU64::new(0),
+            moved: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
         })
     }
 
     fn touch(&self) {
-        self.last
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.moved.store(true, Ordering::Relaxed);
     }
 
     /// Marks a request in flight until the guard drops.
@@ -44,20 +46,22 @@ impl Activity {
         ActiveRequest(self.clone())
     }
 
-    /// Resolves once the connection has been idle for `timeout`.
+    /// Resolves once the connection has been idle (no request in flight, no byte moved) for
+    /// `timeout`, give or take one check interval.
     pub async fn idle(&self, timeout: Duration) {
+        let step = (timeout / CHECKS).max(Duration::from_millis(100));
+        let mut quiet = Duration::ZERO;
         loop {
-            let since = self
-                .start
-                .elapsed()
-                .saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)));
-            if self.in_flight.load(Ordering::Relaxed) == 0 && since >= timeout {
-                return;
+            tokio::time::sleep(step).await;
+            let moved = self.moved.swap(false, Ordering::Relaxed);
+            if moved || self.in_flight.load(Ordering::Relaxed) > 0 {
+                quiet = Duration::ZERO;
+            } else {
+                quiet += step;
+                if quiet >= timeout {
+                    return;
+                }
             }
-            let wait = timeout
-                .saturating_sub(since)
-                .max(Duration::from_millis(100));
-            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -187,6 +191,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::time::Instant;
+
     use super::*;
 
     #[test]
@@ -221,6 +227,29 @@ mod tests {
         drop(guard);
         let t = Instant::now();
         a.idle(Duration::from_secs(5)).await;
-        assert!(t.elapsed() >= Duration::from_secs(5));
+        let took = t.elapsed();
+        assert!(took >= Duration::from_secs(5), "{took:?}");
+        assert!(
+            took <= Duration::from_secs(5) + Duration::from_secs(5) / CHECKS,
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_moving_keep_a_connection_open() {
+        let a = Activity::new();
+        let mover = a.clone();
+        // A slow download: a byte every 2 s, for 20 s, then silence.
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                mover.touch();
+            }
+        });
+        let t = Instant::now();
+        a.idle(Duration::from_secs(5)).await;
+        let took = t.elapsed();
+        assert!(took >= Duration::from_secs(25), "{took:?}");
+        assert!(took <= Duration::from_secs(27), "{took:?}");
     }
 }

@@ -2,10 +2,10 @@
 //! read the body (bounded), forward without the refresh flag, and wrap the homeserver's final
 //! 200 into a proxy access/refresh pair.
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, StatusCode, header};
 
-use super::{ApiError, App, read_body, read_upstream, with_user};
-use crate::body::{Body, ClientBody, full, stream};
+use super::{Answer, ApiError, App, read_body, read_upstream, with_user};
+use crate::body::{ClientBody, full, stream};
 use crate::matrix::login::{LoginAnswer, LoginAsk, Wrap, is_guest, read_request};
 use crate::matrix::purge::PurgeCause;
 use crate::matrix::routes::Route;
@@ -21,7 +21,7 @@ pub async fn handle(
     req: Request<ClientBody>,
     route: Route,
     conn: &ClientConn,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Answer, ApiError> {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     // A stale proxy token on /login or /register is dropped: some homeservers reject any unknown
@@ -33,7 +33,7 @@ pub async fn handle(
             .upstream
             .forward(parts, stream(body), &path, query.as_deref(), conn, call)
             .await?;
-        return Ok(relay(res));
+        return Ok(relay(res).into());
     }
 
     let guest = route == Route::Register && is_guest(query.as_deref());
@@ -59,11 +59,11 @@ pub async fn handle(
 
     // Only the final 200 is ours to touch: UIA 401s, 403s, 429s pass as they are.
     if res.status() != StatusCode::OK || !ask.needs_answer() {
-        return Ok(relay(res));
+        return Ok(relay(res).into());
     }
     let (res_parts, res_bytes) = read_upstream(res, MAX_RESPONSE).await?;
     let Some(answer) = LoginAnswer::parse(&res_bytes) else {
-        return Ok(with_json_body(res_parts, res_bytes));
+        return Ok(with_json_body(res_parts, res_bytes).into());
     };
     // For the request log line only.
     let logged_user = answer.user_id.clone();

@@ -2,19 +2,19 @@
 //! forwarded: the homeserver has no refresh tokens). The body rules are
 //! [`crate::matrix::refresh`]; this is the rate limit, the store and the answer.
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, StatusCode, header};
 use serde_json::json;
 
-use super::{ApiError, App, json_response, json_text_response, read_body, with_user};
-use crate::body::{Body, ClientBody};
+use super::{Answer, ApiError, App, json_response, json_text_response, read_body, with_user};
+use crate::body::ClientBody;
 use crate::matrix::purge::PurgeCause;
 use crate::session::Refreshed;
 use crate::telemetry::metrics::RefreshOutcome;
 
-pub async fn handle(app: &App, req: Request<ClientBody>) -> Result<Response<Body>, ApiError> {
+pub async fn handle(app: &App, req: Request<ClientBody>) -> Result<Answer, ApiError> {
     match *req.method() {
         // CORS preflight (spec "Web Browser Clients").
-        Method::OPTIONS => return Ok(json_response(StatusCode::OK, &json!({}))),
+        Method::OPTIONS => return Ok(json_response(StatusCode::OK, &json!({})).into()),
         Method::POST => {}
         _ => return Err(ApiError::MethodNotAllowed),
     }
@@ -47,7 +47,7 @@ pub async fn handle(app: &App, req: Request<ClientBody>) -> Result<Response<Body
 }
 
 /// The answer to a refresh the store decided, and its metrics and security log.
-fn respond(app: &App, outcome: Refreshed) -> Result<Response<Body>, ApiError> {
+fn respond(app: &App, outcome: Refreshed) -> Result<Answer, ApiError> {
     match outcome {
         Refreshed::Issued {
             pair,

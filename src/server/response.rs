@@ -1,4 +1,4 @@
-//! Building the proxy's own answers to clients: CORS, JSON, and the user a response acted for
+//! Building the proxy's own answers to clients: CORS, JSON, and the user an answer acted for
 //! (for the request log line).
 
 use http::{HeaderMap, HeaderValue, Response, header};
@@ -38,15 +38,21 @@ pub fn json_text_response(status: http::StatusCode, text: String) -> Response<Bo
     res
 }
 
-/// The Matrix user a request acted for. Handlers that know it put it in the response's
-/// extensions for the request log line; it never goes on the wire.
-#[derive(Clone, Debug)]
-pub struct UserId(pub String);
+/// A handler's answer, and the Matrix user the request acted for when the handler knows it
+/// (for the request log line; it never goes on the wire). Returned beside the response rather
+/// than in its extensions, which cost a map allocation per request (issue 11).
+pub struct Answer {
+    pub res: Response<Body>,
+    pub user: Option<String>,
+}
 
-/// Sets the [`UserId`] of a response.
-pub fn with_user(mut res: Response<Body>, user_id: Option<String>) -> Response<Body> {
-    if let Some(u) = user_id {
-        res.extensions_mut().insert(UserId(u));
+impl From<Response<Body>> for Answer {
+    fn from(res: Response<Body>) -> Self {
+        Answer { res, user: None }
     }
-    res
+}
+
+/// An answer that acted for `user`.
+pub fn with_user(res: Response<Body>, user: Option<String>) -> Answer {
+    Answer { res, user }
 }

@@ -139,7 +139,8 @@ pub struct Answer<'a> {
 /// What [`TokenCache::probe`] found.
 #[derive(Debug)]
 pub enum Probe {
-    Hit(Arc<Entry>),
+    /// Held, and the time it was found valid at.
+    Hit(Arc<Entry>, Instant),
     /// Not held: ask the store, then hand the ticket to [`TokenCache::admit`].
     Miss(Ticket),
     /// The cache is off-line: ask the store, keep nothing.
@@ -242,7 +243,7 @@ impl TokenCache {
         if let Some(e) = self.map.get(&sid) {
             if now < e.valid_until && *e.lookup_id == *id && e.offset == offset {
                 self.metrics.hits.inc();
-                return Probe::Hit(e);
+                return Probe::Hit(e, now);
             }
             if now >= e.valid_until {
                 self.map.remove_if(&sid, |v| Arc::ptr_eq(v, &e));
@@ -432,7 +433,7 @@ impl<S: TokenStore> TokenStore for Cached<S> {
             return self.inner.lookup_access(sid, id, offset).await;
         };
         let ticket = match cache.probe(sid, id, offset) {
-            Probe::Hit(e) => return Ok(e.record(Instant::now())),
+            Probe::Hit(e, now) => return Ok(e.record(now)),
             Probe::Bypass => return self.inner.lookup_access(sid, id, offset).await,
             Probe::Miss(t) => t,
         };
@@ -583,7 +584,7 @@ mod tests {
         in_service(&c);
         let i = info();
         assert!(offer(&c, sid(1), &i));
-        let Probe::Hit(e) = c.probe(sid(1), ID, 0) else {
+        let Probe::Hit(e, _) = c.probe(sid(1), ID, 0) else {
             panic!("expected a hit");
         };
         // The store's clock as the cache reads it: the answer's, plus the time since it was sent.
@@ -639,7 +640,7 @@ mod tests {
         assert!(c.admit(t, sid(1), ID, answer(&i, 500)));
         tokio::time::advance(Duration::from_millis(460)).await;
         in_service(&c);
-        assert!(matches!(c.probe(sid(1), ID, 0), Probe::Hit(_)));
+        assert!(matches!(c.probe(sid(1), ID, 0), Probe::Hit(..)));
         tokio::time::advance(Duration::from_millis(10)).await;
         in_service(&c);
         assert!(matches!(c.probe(sid(1), ID, 0), Probe::Miss(_)));
