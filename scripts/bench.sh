@@ -327,7 +327,7 @@ m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
 bad = int(m.group(1)) if m else 0
 m = re.search(r"Socket errors: (.*)", text)
 if m: bad += sum(int(x) for x in re.findall(r"\d+", m.group(1)))
-# The kernel's share of the server's CPU time (syscalls, the loopback TCP stack, scheduling).
+# The kernel share of the server CPU time (syscalls, the loopback TCP stack, scheduling).
 u0, k0, u1, k1 = (int(x) for x in sys.argv[4].split())
 kernel = (k1 - k0) / max(1, (u1 - u0) + (k1 - k0))
 print(name, rps, p50, p99, bad, *(f"{c / n / 1000:.2f}" for c in cpu), f"{kernel:.3f}")
