@@ -277,16 +277,21 @@ results="$tmp/results"
 # CPU time of a process, all threads (ns on CPU, /proc/PID/task/*/schedstat).
 cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{n+=$1} END {printf "%d", n}'; }
 # User and kernel CPU time of a process, all threads, in clock ticks (/proc/PID/stat utime stime).
-user_sys() { awk '{printf "%d %d", $14, $15}' /proc/"$1"/stat 2>/dev/null || echo "0 0"; }
+# Fields are counted after the `(name)`, which may hold spaces.
+user_sys() {
+    [[ -n "$1" && -r "/proc/$1/stat" ]] || { echo "0 0"; return; }
+    sed 's/.*) //' "/proc/$1/stat" | awk '{printf "%d %d", $12, $13}'
+}
 # Context switches of a process, all threads (voluntary and not).
 ctx_sw() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n+=$2} END {printf "%d", n}'; }
 up_worker=$(pgrep -P "${nginx_master[upstream]}" | head -1)
 base_worker=$(pgrep -P "${nginx_master[baseline]}" | head -1)
 # run CASE ARGS...: one wrk run; appends "case rps p50_ms p99_ms non2xx server_us redis_us
-# upstream_us kernel_share" to $results. Then come CPU time per request of the server measured
-# (the proxy, or the baseline nginx for nginx cases), of redis and of the upstream nginx (on a
-# shared machine they drift far less than throughput does), and the kernel's share of the
-# server's time (printed as "kernel" us/req: what no user-space work can remove).
+# upstream_us kernel_share" to $results. After non2xx come the CPU time per request of the
+# server measured (the proxy, or the baseline nginx for nginx cases), of redis and of the
+# upstream nginx (on a shared machine they drift far less than throughput does), and the
+# kernel's share of the server's time (printed as "kernel" us/req: what cheaper user-space code
+# does not reduce; only fewer system calls or wake-ups do).
 run() {
     local name="$1"
     shift

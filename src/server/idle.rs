@@ -1,5 +1,6 @@
-//! Per-connection bookkeeping for the idle keep-alive timeout: an I/O wrapper that stamps every
-//! byte read or written (a flag, no clock read), and a count of requests being handled on the connection.
+//! Per-connection bookkeeping for the idle keep-alive timeout: an I/O wrapper that marks every
+//! read or write (a flag, no clock read), and a count of requests being handled on the
+//! connection.
 //!
 //! A connection is idle when no request is in flight and no byte moved for `idle_timeout`; a
 //! long-poll `/sync` (a request in flight) or a slow download (bytes moving) is never idle.
@@ -17,8 +18,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 ///
 /// Every read, write and request start or end sets `moved`; the watcher looks at it (and
 /// clears it) a few times per timeout. So the hot path stores one flag instead of reading the
-/// clock on every read and write (issue 11), and an idle connection is closed between
-/// `idle_timeout` and `idle_timeout + idle_timeout / CHECKS` after it went quiet.
+/// clock on every read and write (issue 11), and an idle connection is closed at most one
+/// check interval (a quarter of `idle_timeout`, at least 100 ms) after it was idle for
+/// `idle_timeout`, never before.
 pub struct Activity {
     moved: AtomicBool,
     in_flight: AtomicUsize,
@@ -47,23 +49,30 @@ impl Activity {
     }
 
     /// Resolves once the connection has been idle (no request in flight, no byte moved) for
-    /// `timeout`, give or take one check interval.
+    /// `timeout`, at most one check interval later.
     pub async fn idle(&self, timeout: Duration) {
-        let step = (timeout / CHECKS).max(Duration::from_millis(100));
-        let mut quiet = Duration::ZERO;
+        let step = check_interval(timeout);
+        // Quiet checks in a row needed: whole steps covering `timeout`.
+        let needed = timeout.as_nanos().div_ceil(step.as_nanos().max(1));
+        let mut quiet = 0;
         loop {
             tokio::time::sleep(step).await;
             let moved = self.moved.swap(false, Ordering::Relaxed);
             if moved || self.in_flight.load(Ordering::Relaxed) > 0 {
-                quiet = Duration::ZERO;
+                quiet = 0;
             } else {
-                quiet += step;
-                if quiet >= timeout {
+                quiet += 1;
+                if quiet >= needed {
                     return;
                 }
             }
         }
     }
+}
+
+/// How often the idle watcher looks: a quarter of the timeout, at least 100 ms.
+fn check_interval(timeout: Duration) -> Duration {
+    (timeout / CHECKS).max(Duration::from_millis(100))
 }
 
 /// Open connections per client IP, for `http.max_connections_per_ip`. An IP's entry goes when
@@ -233,6 +242,25 @@ mod tests {
             took <= Duration::from_secs(5) + Duration::from_secs(5) / CHECKS,
             "{took:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn odd_and_short_timeouts_close_within_one_check() {
+        for timeout in [
+            Duration::from_millis(150),
+            Duration::from_secs(1) + Duration::from_nanos(1),
+            Duration::from_millis(7_777),
+        ] {
+            let a = Activity::new();
+            let t = Instant::now();
+            a.idle(timeout).await;
+            let took = t.elapsed();
+            assert!(took >= timeout, "{timeout:?}: {took:?}");
+            assert!(
+                took <= timeout + check_interval(timeout),
+                "{timeout:?}: {took:?}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

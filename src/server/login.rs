@@ -4,7 +4,7 @@
 
 use http::{HeaderValue, Method, Request, StatusCode, header};
 
-use super::{Answer, ApiError, App, read_body, read_upstream, with_user};
+use super::{ApiError, App, Handled, read_body, read_upstream, with_user};
 use crate::body::{ClientBody, full, stream};
 use crate::matrix::login::{LoginAnswer, LoginAsk, Wrap, is_guest, read_request};
 use crate::matrix::purge::PurgeCause;
@@ -21,7 +21,7 @@ pub async fn handle(
     req: Request<ClientBody>,
     route: Route,
     conn: &ClientConn,
-) -> Result<Answer, ApiError> {
+) -> Result<Handled, ApiError> {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     // A stale proxy token on /login or /register is dropped: some homeservers reject any unknown

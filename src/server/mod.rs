@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::body::{BodyTimeout, ClientBody, read_limited};
 pub use error::ApiError;
 pub use listener::serve;
-use response::{Answer, json_response, json_text_response, with_user};
+use response::{Handled, json_response, json_text_response, with_user};
 
 /// Reads a JSON body the proxy handles itself: at most `http.max_json_body` bytes within
 /// `http.body_read_timeout` in all.

@@ -5,7 +5,7 @@
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 
-use super::{Answer, ApiError, App, read_body, read_upstream, with_user};
+use super::{ApiError, App, Handled, read_body, read_upstream, with_user};
 use crate::body::{Body, ClientBody, full, stream};
 use crate::matrix::purge::{self, Purge, PurgeCause, Requester};
 use crate::matrix::routes::Route;
@@ -22,7 +22,7 @@ pub async fn handle(
     req: Request<ClientBody>,
     route: Route,
     conn: &ClientConn,
-) -> Result<Answer, ApiError> {
+) -> Result<Handled, ApiError> {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(str::to_owned);

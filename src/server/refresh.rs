@@ -5,13 +5,13 @@
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use serde_json::json;
 
-use super::{Answer, ApiError, App, json_response, json_text_response, read_body, with_user};
+use super::{ApiError, App, Handled, json_response, json_text_response, read_body, with_user};
 use crate::body::ClientBody;
 use crate::matrix::purge::PurgeCause;
 use crate::session::Refreshed;
 use crate::telemetry::metrics::RefreshOutcome;
 
-pub async fn handle(app: &App, req: Request<ClientBody>) -> Result<Answer, ApiError> {
+pub async fn handle(app: &App, req: Request<ClientBody>) -> Result<Handled, ApiError> {
     match *req.method() {
         // CORS preflight (spec "Web Browser Clients").
         Method::OPTIONS => return Ok(json_response(StatusCode::OK, &json!({})).into()),
@@ -47,7 +47,7 @@ pub async fn handle(app: &App, req: Request<ClientBody>) -> Result<Answer, ApiEr
 }
 
 /// The answer to a refresh the store decided, and its metrics and security log.
-fn respond(app: &App, outcome: Refreshed) -> Result<Answer, ApiError> {
+fn respond(app: &App, outcome: Refreshed) -> Result<Handled, ApiError> {
     match outcome {
         Refreshed::Issued {
             pair,

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, header};
 use hyper::body::{Frame, Incoming, SizeHint};
 
-use super::{Answer, ApiError, login, passthrough, refresh};
+use super::{ApiError, Handled, login, passthrough, refresh};
 use crate::app::App;
 use crate::body::{Body, BodyState, BoxError, ClientBody, read_limited};
 use crate::matrix::routes::{self, Route};
@@ -97,7 +97,7 @@ async fn dispatch(
     route: &Route,
     req: Request<ClientBody>,
     conn: &ClientConn,
-) -> Result<Answer, ApiError> {
+) -> Result<Handled, ApiError> {
     if rate_limited_route(app, route, &req) {
         Box::pin(rate_limit(app, route, &req, conn.peer)).await?;
     }
@@ -113,7 +113,11 @@ async fn dispatch(
 /// Routes one request, records its metrics and logs one line for it: method, route class,
 /// status, latency, request id and user id when known; never the path, the query or any other
 /// header.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ClientConn) -> Response<Tracked> {
+pub(super) async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    conn: ClientConn,
+) -> Response<Tracked> {
     let started = Instant::now();
     let h1 = req.version() <= http::Version::HTTP_11;
     let (parts, b) = req.into_parts();
@@ -209,7 +213,7 @@ impl Drop for Abandoned<'_> {
 
 /// A response body that holds an in-flight unit until it is dropped: the body type hyper
 /// serves (not boxed again: one allocation less per request).
-pub struct Tracked {
+pub(super) struct Tracked {
     inner: Body,
     _in_flight: InFlightGauge,
 }

@@ -41,18 +41,18 @@ pub fn json_text_response(status: http::StatusCode, text: String) -> Response<Bo
 /// A handler's answer, and the Matrix user the request acted for when the handler knows it
 /// (for the request log line; it never goes on the wire). Returned beside the response rather
 /// than in its extensions, which cost a map allocation per request (issue 11).
-pub struct Answer {
+pub struct Handled {
     pub res: Response<Body>,
     pub user: Option<String>,
 }
 
-impl From<Response<Body>> for Answer {
+impl From<Response<Body>> for Handled {
     fn from(res: Response<Body>) -> Self {
-        Answer { res, user: None }
+        Handled { res, user: None }
     }
 }
 
 /// An answer that acted for `user`.
-pub fn with_user(res: Response<Body>, user: Option<String>) -> Answer {
-    Answer { res, user }
+pub fn with_user(res: Response<Body>, user: Option<String>) -> Handled {
+    Handled { res, user }
 }
