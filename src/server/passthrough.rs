@@ -34,11 +34,14 @@ pub async fn handle(
     // proxy did not issue, asked of the homeserver before the token may die.
     let (user, device) = match (&session, presented.token()) {
         (Some(s), _) => (Some(s.info.user_id.clone()), Some(s.info.device_id.clone())),
-        (None, Some(t)) if purge::needs_user(&route) => app
-            .upstream
-            .whoami(t, parts.headers.get(&crate::telemetry::request_id::HEADER))
-            .await?
-            .map_or((None, None), |(u, d)| (Some(u), d)),
+        // The futures of the rarer steps (whoami, reading a body, a 401, a purge) are boxed:
+        // inline, their room would be moved with this future on every request.
+        (None, Some(t)) if purge::needs_user(&route) => Box::pin(
+            app.upstream
+                .whoami(t, parts.headers.get(&crate::telemetry::request_id::HEADER)),
+        )
+        .await?
+        .map_or((None, None), |(u, d)| (Some(u), d)),
         _ => (None, None),
     };
     let who = Requester {
@@ -48,7 +51,7 @@ pub async fn handle(
     };
     // Bodies the proxy must read to know what gets purged (bounded); all others stream.
     let (forward_body, purge) = if purge::reads_body(&route) && user.is_some() {
-        let bytes = read_body(app, body).await?;
+        let bytes = Box::pin(read_body(app, body)).await?;
         let purge = purge::plan(&route, who, Some(&bytes));
         (full(bytes), purge)
     } else {
@@ -63,7 +66,7 @@ pub async fn handle(
     if res.status() == StatusCode::UNAUTHORIZED
         && let Some(s) = &session
     {
-        let out = upstream_rejected(app, s, res).await?;
+        let out = Box::pin(upstream_rejected(app, s, res)).await?;
         return Ok(with_user(out, user));
     }
     if res.status() == StatusCode::OK
@@ -71,7 +74,14 @@ pub async fn handle(
     {
         // Purge only after the homeserver's 200: homeservers differ and have bugs (Conduit's
         // /logout/all answers 401 for normal users).
-        apply_purge(app, purge, cause, session.as_ref(), user.as_deref()).await;
+        Box::pin(apply_purge(
+            app,
+            purge,
+            cause,
+            session.as_ref(),
+            user.as_deref(),
+        ))
+        .await;
     }
     Ok(with_user(relay(res), user))
 }

@@ -429,15 +429,18 @@ impl<S: TokenStore> TokenStore for Cached<S> {
         id: &str,
         offset: i64,
     ) -> Result<AccessRecord, StoreError> {
+        // The store's future is boxed on these (rarer) paths: inline, its room (about 1 KB)
+        // made this future, and every future that awaits it up to the request's, that much
+        // larger, moved on every request, cache hits included (issue 11).
         let Some(cache) = &self.cache else {
-            return self.inner.lookup_access(sid, id, offset).await;
+            return Box::pin(self.inner.lookup_access(sid, id, offset)).await;
         };
         let ticket = match cache.probe(sid, id, offset) {
             Probe::Hit(e, now) => return Ok(e.record(now)),
-            Probe::Bypass => return self.inner.lookup_access(sid, id, offset).await,
+            Probe::Bypass => return Box::pin(self.inner.lookup_access(sid, id, offset)).await,
             Probe::Miss(t) => t,
         };
-        let record = self.inner.lookup_access(sid, id, offset).await?;
+        let record = Box::pin(self.inner.lookup_access(sid, id, offset)).await?;
         if let AccessRecord::Found {
             sealed_upstream,
             valid: true,
