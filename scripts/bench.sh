@@ -299,7 +299,7 @@ run() {
     case "$name" in
         nginx* | lat_nginx*) server="$base_worker" ;;
         before_* | lat_before_*) server="$before_pid" ;;
-        hyper_floor*) server="$floor_pid" ;;
+        hyper_floor* | lat_hyper_floor*) server="$floor_pid" ;;
     esac
     local s0 r0 u0
     s0=$(cpu_ns "$server") r0=$(cpu_ns "$redis_pid") u0=$(cpu_ns "$up_worker")
@@ -492,6 +492,11 @@ for r in $(seq "${BENCH_LAT_ROUNDS:-3}"); do
         RATE=$rate BENCH_AUTH="Bearer $at" run lat_before_proxy_access_token -c"$lat_conns" -d10s -s "$tmp/rate.lua" \
             "http://127.0.0.1:$before_port/_matrix/client/v3/account/whoami"
     fi
+    # The floor at the same rate: what hyper and tokio alone add to nginx's latency.
+    if [[ -n "${BENCH_FLOOR:-}" ]]; then
+        RATE=$rate BENCH_AUTH="" run lat_hyper_floor -c"$lat_conns" -d10s -s "$tmp/rate.lua" \
+            "http://127.0.0.1:$floor_port/_matrix/client/v3/account/whoami"
+    fi
 done
 
 # Default rate limits (login 0.5/s burst 10 per IP, refresh 10/s burst 100 per IP and session).
@@ -529,7 +534,7 @@ for name in [n for n in names if n in rows]:
     bad = sum(r[3] for r in rows[name])
     print(f"{name:42} {med(name,0):9.0f} {med(name,0)/base:8.2f} {med(name,0)/bare:7.2f} {med(name,1):7.2f} {med(name,2):7.2f} {bad:8} {med(name,4):14.1f} {med(name,7):7.1f} {med(name,5):6.1f} {med(name,6):8.1f} {cpu('nginx')/cpu(name):12.2f}")
 print()
-lat_names = [n for n in ["lat_nginx", "lat_proxy_access_token", "lat_before_proxy_access_token"] if n in rows]
+lat_names = [n for n in ["lat_nginx", "lat_proxy_access_token", "lat_before_proxy_access_token", "lat_hyper_floor"] if n in rows]
 print(f"fixed rate (50 % of nginx max), median of {len(rows['lat_nginx']) if lat_names else 0}:")
 for name in lat_names:
     print(f"  {name[4:]:40} achieved {med(name,0):7.0f} req/s  p50 {med(name,1):.3f} ms  p99 {med(name,2):.3f} ms")
