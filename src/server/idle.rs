@@ -52,8 +52,8 @@ impl Activity {
     /// `timeout`, at most one check interval later.
     pub async fn idle(&self, timeout: Duration) {
         let step = check_interval(timeout);
-        // Quiet checks in a row needed: whole steps covering `timeout`.
-        let needed = timeout.as_nanos().div_ceil(step.as_nanos().max(1));
+        // Quiet checks in a row needed: whole steps covering `timeout` (a step is never 0).
+        let needed = timeout.as_nanos().div_ceil(step.as_nanos());
         let mut quiet = 0;
         loop {
             tokio::time::sleep(step).await;

@@ -50,11 +50,7 @@ pin_project_lite::pin_project! {
 impl<F> RequestScope<F> {
     pub fn new(id: RequestId, inner: F) -> Self {
         if enabled() {
-            RequestScope {
-                id: Some(id),
-                span: tracing::Span::none(),
-                inner,
-            }
+            Self::scoped(id, inner)
         } else {
             RequestScope {
                 span: tracing::info_span!("request", request_id = %id),
@@ -64,8 +60,7 @@ impl<F> RequestScope<F> {
         }
     }
 
-    /// A scope that sets the thread-local whatever [`enabled`] says (the tests').
-    #[cfg(test)]
+    /// A scope that sets the thread-local (the tests use it whatever [`enabled`] says).
     fn scoped(id: RequestId, inner: F) -> Self {
         RequestScope {
             id: Some(id),
