@@ -125,14 +125,11 @@ async fn serve_connection(
     watcher: Watcher,
 ) {
     let _ = stream.set_nodelay(true);
-    let conn = ClientConn {
-        peer,
-        scheme: match acceptor {
-            Some(_) => ClientScheme::Https,
-            None => ClientScheme::Http,
-        },
-        trusted: app.trusted_proxies.contains(peer.ip()),
+    let scheme = match acceptor {
+        Some(_) => ClientScheme::Https,
+        None => ClientScheme::Http,
     };
+    let conn = ClientConn::new(peer, scheme, app.trusted_proxies.contains(peer.ip()));
     let handshake_timeout = app.http.header_read_timeout;
     let idle_timeout = app.http.idle_timeout;
     let activity = Activity::new();
@@ -140,6 +137,7 @@ async fn serve_connection(
     let svc = service_fn(move |req: Request<Incoming>| {
         let app = app.clone();
         let active = act.request();
+        let conn = conn.clone();
         async move {
             let res = handle(app, req, conn).await;
             drop(active);

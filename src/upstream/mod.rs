@@ -93,9 +93,9 @@ impl Upstream {
         call: UpstreamCall,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
-        if !req.headers().contains_key(header::HOST) {
-            req.headers_mut().insert(header::HOST, self.host.clone());
-        }
+        req.headers_mut()
+            .entry(header::HOST)
+            .or_insert_with(|| self.host.clone());
         // The pool's future is boxed (one allocation): inline, its ~800 bytes were in this
         // future and in each one awaiting it up to the request's, and copied at every level as
         // each was created (issue 11).
