@@ -23,7 +23,6 @@ pub async fn handle(
     conn: &ClientConn,
 ) -> Result<Handled, ApiError> {
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path().to_owned();
     // A stale proxy token on /login or /register is dropped: some homeservers reject any unknown
     // token even here (DESIGN.md §2). Foreign tokens (appservice logins) stay.
     let query = credentials::strip_proxy_tokens(&mut parts.headers, parts.uri.query());
@@ -31,7 +30,7 @@ pub async fn handle(
     if parts.method != Method::POST {
         let res = app
             .upstream
-            .forward(parts, stream(body), &path, query.as_deref(), conn, call)
+            .forward(parts, stream(body), query.as_deref(), conn, call)
             .await?;
         return Ok(relay(res).into());
     }
@@ -47,14 +46,7 @@ pub async fn handle(
         .cloned();
     let res = app
         .upstream
-        .forward(
-            parts,
-            full(forward_bytes),
-            &path,
-            query.as_deref(),
-            conn,
-            call,
-        )
+        .forward(parts, full(forward_bytes), query.as_deref(), conn, call)
         .await?;
 
     // Only the final 200 is ours to touch: UIA 401s, 403s, 429s pass as they are.

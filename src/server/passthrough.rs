@@ -24,7 +24,6 @@ pub async fn handle(
     conn: &ClientConn,
 ) -> Result<Handled, ApiError> {
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(str::to_owned);
     let presented = credentials::presented(&parts.headers, query.as_deref());
     let (session, query_out) =
@@ -32,22 +31,30 @@ pub async fn handle(
 
     // Who the request acts for, when it ends sessions: from our session, or, for a token the
     // proxy did not issue, asked of the homeserver before the token may die.
+    let asked;
     let (user, device) = match (&session, presented.token()) {
-        (Some(s), _) => (Some(s.info.user_id.clone()), Some(s.info.device_id.clone())),
+        (Some(s), _) => (
+            Some(s.info.user_id.as_str()),
+            Some(s.info.device_id.as_str()),
+        ),
         // The futures of the rarer steps (whoami, reading a body, a 401, a purge) are boxed:
         // inline, their room would be moved with this future on every request.
-        (None, Some(t)) if purge::needs_user(&route) => Box::pin(
-            app.upstream
-                .whoami(t, parts.headers.get(&crate::telemetry::request_id::HEADER)),
-        )
-        .await?
-        .map_or((None, None), |(u, d)| (Some(u), d)),
+        (None, Some(t)) if purge::needs_user(&route) => {
+            asked = Box::pin(
+                app.upstream
+                    .whoami(t, parts.headers.get(&crate::telemetry::request_id::HEADER)),
+            )
+            .await?;
+            asked
+                .as_ref()
+                .map_or((None, None), |(u, d)| (Some(u.as_str()), d.as_deref()))
+        }
         _ => (None, None),
     };
     let who = Requester {
         has_session: session.is_some(),
-        user: user.as_deref(),
-        device: device.as_deref(),
+        user,
+        device,
     };
     // Bodies the proxy must read to know what gets purged (bounded); all others stream.
     let (forward_body, purge) = if purge::reads_body(&route) && user.is_some() {
@@ -61,29 +68,23 @@ pub async fn handle(
     let call = UpstreamCall::for_route(&route);
     let res = app
         .upstream
-        .forward(parts, forward_body, &path, query_out.as_deref(), conn, call)
+        .forward(parts, forward_body, query_out.as_deref(), conn, call)
         .await?;
+    let logged_user = user.map(str::to_owned);
     if res.status() == StatusCode::UNAUTHORIZED
         && let Some(s) = &session
     {
         let out = Box::pin(upstream_rejected(app, s, res)).await?;
-        return Ok(with_user(out, user));
+        return Ok(with_user(out, logged_user));
     }
     if res.status() == StatusCode::OK
         && let Some(cause) = PurgeCause::of(&route)
     {
         // Purge only after the homeserver's 200: homeservers differ and have bugs (Conduit's
         // /logout/all answers 401 for normal users).
-        Box::pin(apply_purge(
-            app,
-            purge,
-            cause,
-            session.as_ref(),
-            user.as_deref(),
-        ))
-        .await;
+        Box::pin(apply_purge(app, purge, cause, session.as_ref(), user)).await;
     }
-    Ok(with_user(relay(res), user))
+    Ok(with_user(relay(res), logged_user))
 }
 
 /// A proxy access token is exchanged for its session's upstream token (in the header, also

@@ -123,13 +123,12 @@ impl Upstream {
         result
     }
 
-    /// Forwards a client request: hygiene applied for `conn`, `path_and_query` as given (already
-    /// rewritten).
+    /// Forwards a client request: hygiene applied for `conn`, its path as sent, and `query` as
+    /// given (the client's, or rewritten without a proxy token).
     pub async fn forward(
         &self,
         mut parts: http::request::Parts,
         body: Body,
-        path: &str,
         query: Option<&str>,
         conn: &ClientConn,
         call: UpstreamCall,
@@ -145,12 +144,11 @@ impl Upstream {
         // Without a base path and with the query untouched, the client's own path and query are
         // reused as they are (no formatting, no second parse), in origin form.
         let unchanged = self.base_path.is_empty()
-            && parts.uri.path() == path
             && parts.uri.query().filter(|q| !q.is_empty()) == query.filter(|q| !q.is_empty());
         parts.uri = match parts.uri.path_and_query() {
             Some(pq) if unchanged => Uri::from(pq.clone()),
             _ => self
-                .uri(path, query)
+                .uri(parts.uri.path(), query)
                 .map_err(|e| UpstreamError::Unreachable(e.to_string()))?,
         };
         // The upstream connection is HTTP/1.1 whatever the client spoke.

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Instructions per request of the proxy, counted by valgrind's callgrind: the same count for the
+# same build and load whatever else the machine does, so a change of a few hundred instructions
+# per request shows, where `scripts/bench.sh`'s wall-clock ratios drift 10-40 % between runs.
+# For A/B of hot-path changes (issue 11); throughput claims still come from bench.sh.
+#   scripts/instructions.sh [BINARY ...]      (default: the release build of this checkout)
+# Environment: INSTR_SECS (measured seconds per case, default 8), INSTR_CASES (default
+# "access_token passthrough anonymous"), INSTR_FLOOR=1 (also examples/hyper_floor.rs, the bare
+# hyper proxy), INSTR_TOP=DIR (each run's 40 costliest functions, self cost per request, in DIR).
+#
+# Each case starts its own redis-server (unix socket), one nginx as the fixed-answer upstream and
+# the proxy under callgrind on CPU 1 (one tokio worker), logs in once (access token case), warms
+# up for 2 s with wrk on CPU 0 (8 connections), zeroes the counters, runs wrk for INSTR_SECS,
+# dumps, and divides the instructions by the requests wrk counted. Valgrind runs the proxy about
+# 30x slower, so timers and background tasks weigh a little more than at full speed.
+#
+# Valgrind's CPU has no SHA extensions, so SHA-256 runs sha2's portable code here (about 7,000
+# instructions per token hash, a few hundred with SHA-NI): the `w/o sha2` column leaves it out.
+set -euo pipefail
+secs="${INSTR_SECS:-8}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+need=()
+for tool in valgrind callgrind_annotate wrk nginx redis-server curl python3 taskset; do
+    command -v "$tool" >/dev/null || need+=("$tool")
+done
+if ((${#need[@]})); then
+    pkgs=()
+    for t in "${need[@]}"; do
+        case "$t" in
+            callgrind_annotate) pkgs+=(valgrind) ;;
+            nginx) pkgs+=(nginx-light) ;;
+            taskset) pkgs+=(util-linux) ;;
+            *) pkgs+=("$t") ;;
+        esac
+    done
+    sudo=""
+    [[ $(id -u) == 0 ]] || sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+bins=("$@")
+if ((${#bins[@]} == 0)); then
+    cargo build --release --quiet --bin matrix-refresh-proxy
+    bins=(target/release/matrix-refresh-proxy)
+fi
+if [[ -n "${INSTR_FLOOR:-}" ]]; then
+    cargo build --release --quiet --example hyper_floor
+fi
+read -r -a cases <<<"${INSTR_CASES:-access_token passthrough anonymous}"
+if (($(nproc) >= 2)); then
+    load="taskset -c 0"
+    serve="taskset -c 1"
+else
+    load=""
+    serve=""
+fi
+export TOKIO_WORKER_THREADS=1
+
+tmp="$(mktemp -d)"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up_port=$(free_port)
+
+$serve redis-server --port 0 --unixsocket "$tmp/redis.sock" --save "" --appendonly no \
+    --daemonize no >/dev/null &
+pids+=($!)
+mkdir -p "$tmp/up"
+cat >"$tmp/up.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $tmp/up/nginx.pid;
+error_log $tmp/up/error.log warn;
+events { worker_connections 1024; }
+http {
+    client_body_temp_path $tmp/up/body;
+    proxy_temp_path $tmp/up/proxy;
+    fastcgi_temp_path $tmp/up/fastcgi;
+    uwsgi_temp_path $tmp/up/uwsgi;
+    scgi_temp_path $tmp/up/scgi;
+    keepalive_requests 100000000;
+    access_log off;
+    server {
+        listen 127.0.0.1:$up_port;
+        default_type application/json;
+        location / { return 200 '{"user_id":"@bench:bench","device_id":"DEV"}'; }
+        location ~ /login\$ {
+            return 200 '{"user_id":"@u\$request_id:bench","device_id":"D\$request_id","access_token":"syt_\$request_id"}';
+        }
+    }
+}
+NGINX
+$serve nginx -c "$tmp/up.conf" -p "$tmp/up" 2>/dev/null &
+pids+=($!)
+
+# measure NAME PORT AUTH(at|hs|none) COMMAND...: prints "requests instructions sha2-instructions".
+measure() {
+    local name=$1 port=$2 auth=$3
+    shift 3
+    $serve valgrind --tool=callgrind --callgrind-out-file="$tmp/$name.cg" "$@" >/dev/null 2>"$tmp/$name.vg" &
+    local vpid=$!
+    local base="http://127.0.0.1:$port/_matrix/client"
+    for _ in $(seq 300); do
+        curl -fs "$base/versions" >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    local hdr=()
+    case "$auth" in
+        at)
+            local at
+            at=$(curl -fs -X POST "$base/v3/login" \
+                -d '{"type":"m.login.password","identifier":{"type":"m.id.user","user":"bench"},"password":"p","refresh_token":true}' |
+                python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+            hdr=(-H "Authorization: Bearer $at")
+            ;;
+        hs) hdr=(-H "Authorization: Bearer syt_YmVuY2g_homeserverTokenOfTheBench_0a1b2c") ;;
+    esac
+    local url="$base/v3/account/whoami"
+    $load wrk -t1 -c8 -d2s "${hdr[@]}" "$url" >/dev/null
+    callgrind_control -z "$vpid" >/dev/null 2>&1
+    local out
+    out=$($load wrk -t1 -c8 -d"${secs}s" "${hdr[@]}" "$url")
+    callgrind_control -d "$vpid" >/dev/null 2>&1
+    kill "$vpid"
+    wait "$vpid" 2>/dev/null || true
+    local n file
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+    file=$(ls -t "$tmp/$name.cg".* | head -1)
+    callgrind_annotate --threshold=100 "$file" >"$tmp/$name.txt" 2>/dev/null
+    if [[ -n "${INSTR_TOP:-}" ]]; then
+        mkdir -p "$INSTR_TOP"
+        python3 - "$tmp/$name.txt" "$n" >"$INSTR_TOP/$name.txt" <<'PY'
+import re, sys
+n = int(sys.argv[2])
+rows = []
+for line in open(sys.argv[1]):
+    m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+\S+?:(.*?)( \[.*\])?$", line)
+    if m and not re.search(r"libc_start|below main|lang_start|::main$|^main$|block_on|enter_runtime|short_backtrace|^0x", m.group(2)):
+        rows.append((int(m.group(1).replace(",", "")) / n, m.group(2)))
+print("self instructions per request, costliest first")
+for cost, fn in sorted(rows, reverse=True)[:40]:
+    print(f"{cost:8.0f}  {fn[:160]}")
+PY
+    fi
+    local total sha
+    total=$(awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}' "$tmp/$name.txt")
+    sha=$(awk '/sha2::sha256::soft::compress/ {gsub(",", "", $1); s += $1} END {print s + 0}' "$tmp/$name.txt")
+    echo "$n $total $sha"
+}
+
+config() { # $1 port
+    cat <<YAML
+listen: "127.0.0.1:$1"
+upstream: { url: "http://127.0.0.1:$up_port" }
+redis: { url: "redis+unix://$tmp/redis.sock" }
+tokens: { access_token_lifetime: "24h" }
+log: { level: "info" }
+admin: { listen: "127.0.0.1:$(free_port)" }
+rate_limit: { enabled: true, login: { per_second: 1000000, burst: 1000000 }, refresh: { per_second: 1000000, burst: 1000000 } }
+YAML
+}
+
+printf '%-34s %-16s %9s %12s %12s\n' build case requests instr/req "w/o sha2"
+row() { # build case "n total sha"
+    local n total sha
+    read -r n total sha <<<"$3"
+    printf '%-34s %-16s %9d %12d %12d\n' "$1" "$2" "$n" $((total / n)) $(((total - sha) / n))
+}
+if [[ -n "${INSTR_FLOOR:-}" ]]; then
+    port=$(free_port)
+    row hyper_floor anonymous "$(measure floor "$port" none target/release/examples/hyper_floor \
+        "127.0.0.1:$port" "127.0.0.1:$up_port")"
+fi
+i=0
+for bin in "${bins[@]}"; do
+    i=$((i + 1))
+    for c in "${cases[@]}"; do
+        port=$(free_port)
+        config "$port" >"$tmp/proxy.yaml"
+        case "$c" in
+            access_token) auth=at ;;
+            passthrough) auth=hs ;;
+            anonymous) auth=none ;;
+            *) echo "unknown case $c" >&2 && exit 2 ;;
+        esac
+        row "$(basename "$bin")" "$c" "$(measure "b$i-$c" "$port" "$auth" "$bin" --config "$tmp/proxy.yaml")"
+    done
+done
