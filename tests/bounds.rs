@@ -79,6 +79,53 @@ async fn slowloris_client_is_cut_off_while_others_are_served() {
     );
 }
 
+/// `http.header_read_timeout` also bounds the wait for the next request on an HTTP/1 keep-alive
+/// connection (hyper's header-read timer, fired by the connection's own watcher): the
+/// connection closes after it, never before, however long `idle_timeout` is, while a
+/// connection that keeps sending requests stays open.
+#[tokio::test(flavor = "multi_thread")]
+async fn header_read_timeout_bounds_the_keepalive_wait_for_the_next_head() {
+    let h = Harness::with(
+        opts("http:\n  header_read_timeout: \"1s\"\n  idle_timeout: \"60s\"\n"),
+        false,
+    )
+    .await;
+    let addr = h.proxy.addr;
+    let (busy_open, idle_closed, idle_after) = tokio::task::spawn_blocking(move || {
+        let get = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n";
+        let answer = |s: &mut TcpStream| {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 8192];
+            let n = s.read(&mut buf).unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        };
+        // A request every 600 ms for 3 s: each head arrives within the timeout.
+        let mut busy = TcpStream::connect(addr).unwrap();
+        for _ in 0..5 {
+            busy.write_all(get).unwrap();
+            answer(&mut busy);
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        busy.write_all(get).unwrap();
+        answer(&mut busy);
+        // One request, then nothing.
+        let mut idle = TcpStream::connect(addr).unwrap();
+        idle.write_all(get).unwrap();
+        answer(&mut idle);
+        let idle_start = Instant::now();
+        let (_, closed) = read_until_close(&mut idle, Duration::from_secs(5));
+        (true, closed, idle_start.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(busy_open);
+    assert!(idle_closed, "the keep-alive wait was not bounded");
+    assert!(
+        idle_after >= Duration::from_millis(950) && idle_after < Duration::from_secs(3),
+        "closed after {idle_after:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_keepalive_connections_close_but_long_polls_do_not() {
     let h = Harness::with(opts("http:\n  idle_timeout: \"1s\"\n"), false).await;

@@ -1,6 +1,6 @@
 //! Per-connection bookkeeping for the idle keep-alive timeout: an I/O wrapper that marks every
-//! read or write (a flag, no clock read), and a count of requests being handled on the
-//! connection.
+//! read or write (a flag, no clock read) and ends the connection's I/O when the watcher closes
+//! it, and a count of requests being handled on the connection.
 //!
 //! A connection is idle when no request is in flight and no byte moved for `idle_timeout`; a
 //! long-poll `/sync` (a request in flight) or a slow download (bytes moving) is never idle.
@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Shared between the I/O wrapper, the service and the idle watcher of one connection.
@@ -24,6 +25,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct Activity {
     moved: AtomicBool,
     in_flight: AtomicUsize,
+    /// Set by [`Activity::close`]: reads end (end-of-file) from then on.
+    closed: AtomicBool,
+    /// The task waiting for the connection's next bytes, woken by [`Activity::close`].
+    reader: AtomicWaker,
+    /// The task waiting to write (a client that stopped reading), woken by [`Activity::close`].
+    writer: AtomicWaker,
 }
 
 /// How many times per `idle_timeout` the watcher looks.
@@ -34,11 +41,27 @@ impl Activity {
         Arc::new(Activity {
             moved: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
+            writer: AtomicWaker::new(),
         })
     }
 
     fn touch(&self) {
         self.moved.store(true, Ordering::Relaxed);
+    }
+
+    /// Closes the connection: its next read is end-of-file (an idle HTTP/1 connection ends as if
+    /// the client had closed it; under TLS, as a truncated stream), its next write fails, and a
+    /// read or write waiting for the socket is woken to see it.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.reader.wake();
+        self.writer.wake();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
     }
 
     /// Marks a request in flight until the guard drops.
@@ -143,6 +166,25 @@ impl<T> TrackedIo<T> {
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
         TrackedIo { inner, activity }
     }
+
+    /// After a write: marks bytes written; a write waiting for the socket (a client that
+    /// stopped reading) registers for `close`, and after `close` it fails.
+    fn wrote(&self, cx: &Context<'_>, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) if n > 0 => self.activity.touch(),
+            Poll::Pending => {
+                self.activity.writer.register(cx.waker());
+                if self.activity.is_closed() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "closed as idle",
+                    )));
+                }
+            }
+            _ => {}
+        }
+        r
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
@@ -151,10 +193,22 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.activity.is_closed() {
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+        match r {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => self.activity.touch(),
+            // Waiting for bytes (between requests, typically): `close` wakes this task. Looked
+            // at again after registering, so a `close` in between is not missed.
+            Poll::Pending => {
+                self.activity.reader.register(cx.waker());
+                if self.activity.is_closed() {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            _ => {}
         }
         r
     }
@@ -167,10 +221,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
+        self.wrote(cx, r)
     }
 
     fn poll_write_vectored(
@@ -179,10 +230,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
+        self.wrote(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -203,6 +251,42 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
+
+    #[tokio::test]
+    async fn close_ends_a_waiting_read_and_a_stuck_write() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A read waiting for bytes ends with end-of-file.
+        let (near, _far) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let mut io = TrackedIo::new(near, activity.clone());
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            io.read(&mut buf).await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!reader.is_finished());
+        activity.close();
+        let n = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the read was woken")
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0);
+
+        // A write stuck on a peer that stopped reading fails.
+        let (near, _far) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let mut io = TrackedIo::new(near, activity.clone());
+        let writer = tokio::spawn(async move { io.write_all(&[0u8; 4096]).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!writer.is_finished());
+        activity.close();
+        let r = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the write was woken")
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+    }
 
     #[test]
     fn per_ip_slots_are_capped_and_entries_removed() {

@@ -17,22 +17,25 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use super::head_timer::{HeadClock, HeadTimer};
 use super::idle::{Activity, IpSlot, PerIp, TrackedIo};
 use super::request::handle;
 use crate::app::App;
 use crate::config::HttpConfig;
+use crate::lifecycle::AbortOnDrop;
 use crate::upstream::{ClientConn, ClientScheme};
 
 /// Largest request head (request line and headers) the proxy accepts.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// The connection builder: HTTP/1 and HTTP/2, each with a timer (without one hyper's
-/// header-read timeout is silently off) and a bounded request head (431 beyond it).
+/// header-read timeout is silently off; HTTP/1's is set per connection) and a bounded request
+/// head (431 beyond it).
 fn builder(http: &HttpConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The HTTP/1 timer is set per connection (`serve_connection`: a `HeadTimer`).
     builder
         .http1()
-        .timer(TokioTimer::new())
         .header_read_timeout(http.header_read_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         // One buffer and one write(2) per answer instead of a writev(2) of head and body
@@ -131,6 +134,7 @@ async fn serve_connection(
     };
     let conn = ClientConn::new(peer, scheme, app.trusted_proxies.contains(peer.ip()));
     let handshake_timeout = app.http.header_read_timeout;
+    let head_timeout = app.http.header_read_timeout;
     let idle_timeout = app.http.idle_timeout;
     let activity = Activity::new();
     let act = activity.clone();
@@ -148,12 +152,26 @@ async fn serve_connection(
     let Some(io) = crate::tls::accept(acceptor, io, handshake_timeout, peer).await else {
         return;
     };
+    // hyper's HTTP/1 header-read timer, fired by this connection's own watcher (head_timer.rs).
+    let head_clock = HeadClock::new();
+    let mut builder = builder;
+    builder.http1().timer(HeadTimer(head_clock.clone()));
     let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
-    tokio::select! {
-        r = conn => if let Err(e) = r {
-            tracing::debug!(error = %e, "connection ended with an error");
-        },
-        // Nothing in flight and nothing moving: close (no request is cut).
-        () = activity.idle(idle_timeout) => tracing::debug!("closed an idle connection"),
+    // The connection's two watchers run in a task of their own, which ends with the connection.
+    // Awaited beside the connection in a `select!`, their sleeps were polled on every wake-up
+    // of the connection, several times per request (issue 11); the idle watcher now closes the
+    // connection through its I/O (`Activity::close`: the next read is end-of-file).
+    let _watchers = AbortOnDrop(tokio::spawn(async move {
+        tokio::select! {
+            // Nothing in flight and nothing moving: close (no request is cut).
+            () = activity.idle(idle_timeout) => {
+                tracing::debug!("closing an idle connection");
+                activity.close();
+            }
+            () = head_clock.watch(head_timeout) => {}
+        }
+    }));
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
 }

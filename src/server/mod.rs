@@ -2,6 +2,7 @@
 //! handlers (the I/O around the rules in [`crate::matrix`]) and the one error-to-HTTP map.
 
 pub mod error;
+mod head_timer;
 mod idle;
 mod listener;
 mod login;
