@@ -22,7 +22,6 @@ use super::idle::{Activity, IpSlot, PerIp, TrackedIo};
 use super::request::handle;
 use crate::app::App;
 use crate::config::HttpConfig;
-use crate::lifecycle::AbortOnDrop;
 use crate::upstream::{ClientConn, ClientScheme};
 
 /// Largest request head (request line and headers) the proxy accepts.
@@ -157,11 +156,13 @@ async fn serve_connection(
     let mut builder = builder;
     builder.http1().timer(HeadTimer(head_clock.clone()));
     let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
-    // The connection's two watchers run in a task of their own, which ends with the connection.
-    // Awaited beside the connection in a `select!`, their sleeps were polled on every wake-up
-    // of the connection, several times per request (issue 11); the idle watcher now closes the
-    // connection through its I/O (`Activity::close`: the next read is end-of-file).
-    let _watchers = AbortOnDrop(tokio::spawn(async move {
+    // The connection's two watchers run in a task of their own, aborted when the connection
+    // ends (should this task be dropped instead, the watcher still ends by itself once the dead
+    // connection has been idle for `idle_timeout`). Awaited beside the connection in a
+    // `select!`, their sleeps were polled on every wake-up of the connection, several times per
+    // request (issue 11); the idle watcher now closes the connection through its I/O
+    // (`Activity::close`: the next read is end-of-file).
+    let watchers = tokio::spawn(async move {
         tokio::select! {
             // Nothing in flight and nothing moving: close (no request is cut).
             () = activity.idle(idle_timeout) => {
@@ -170,8 +171,9 @@ async fn serve_connection(
             }
             () = head_clock.watch(head_timeout) => {}
         }
-    }));
+    });
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "connection ended with an error");
     }
+    watchers.abort();
 }
