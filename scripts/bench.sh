@@ -32,48 +32,14 @@ conns="${3:-64}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-need=()
-for tool in wrk nginx redis-server curl python3 taskset; do
-    command -v "$tool" >/dev/null || need+=("$tool")
-done
-if ((${#need[@]})); then
-    pkgs=()
-    for t in "${need[@]}"; do
-        case "$t" in
-            nginx) pkgs+=(nginx-light) ;;
-            taskset) pkgs+=(util-linux) ;;
-            *) pkgs+=("$t") ;;
-        esac
-    done
-    sudo=""
-    [[ $(id -u) == 0 ]] || sudo="sudo"
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
-fi
+# shellcheck source=scripts/bench-common.sh
+source "$repo/scripts/bench-common.sh"
+install_missing wrk nginx redis-server curl python3 taskset
 nginx_bin="$(command -v nginx || echo /usr/sbin/nginx)"
 # BENCH_BIN=BINARY: measure that build instead of building the release binary here.
 proxy_bin="${BENCH_BIN:-target/release/matrix-refresh-proxy}"
 [[ -n "${BENCH_BIN:-}" ]] || cargo build --release --quiet --bin matrix-refresh-proxy
 
-if (($(nproc) >= 2)); then
-    load="taskset -c 0"
-    serve="taskset -c 1"
-else
-    load=""
-    serve=""
-fi
-export TOKIO_WORKER_THREADS=1
-
-tmp="$(mktemp -d)"
-chmod 755 "$tmp"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port)
 ngx_port=$(free_port)
 bare_port=$(free_port)
@@ -86,44 +52,7 @@ $serve redis-server --port 0 --unixsocket "$tmp/redis.sock" --save "" --appendon
 pids+=($!)
 redis_pid=$!
 
-# nginx_conf NAME <<servers: a one-worker nginx of its own (its own process, on the servers' CPU).
-nginx_conf() {
-    mkdir -p "$tmp/$1"
-    local servers
-    servers="$(cat)"
-    cat >"$tmp/$1.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $tmp/$1/nginx.pid;
-error_log $tmp/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-    client_body_temp_path $tmp/$1/body;
-    proxy_temp_path $tmp/$1/proxy;
-    fastcgi_temp_path $tmp/$1/fastcgi;
-    uwsgi_temp_path $tmp/$1/uwsgi;
-    scgi_temp_path $tmp/$1/scgi;
-    keepalive_requests 100000000;
-$servers
-}
-NGINX
-}
-# The fixed-answer upstream (stands in for the homeserver). A process of its own: were it the
-# baseline's own worker, nginx would proxy to itself inside one event loop (no second process,
-# fewer context switches) while the proxy always talks to another process.
-nginx_conf upstream <<NGINX
-    access_log off;
-    server {
-        listen 127.0.0.1:$up_port;
-        default_type application/json;
-        location / { return 200 '{"user_id":"@bench:bench","device_id":"DEV"}'; }
-        location ~ /login\$ {
-            # A new user per login: one user with 100k live sessions would measure the per-user
-            # session index instead (index_add.lua scans it whole on every login and refresh).
-            return 200 '{"user_id":"@u\$request_id:bench","device_id":"D\$request_id","access_token":"syt_\$request_id"}';
-        }
-    }
-NGINX
+upstream_conf "$up_port"
 # The baseline: nginx as a plain keep-alive reverse proxy as the Synapse documentation configures
 # it (X-Forwarded-For, X-Forwarded-Proto, Host), with nginx's default access log (one line per
 # request, written to /dev/null like the proxy's log). On a second port the same without the log

@@ -24,24 +24,9 @@ idle_secs=4
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-need=()
-for tool in valgrind callgrind_annotate wrk nginx redis-server curl python3 taskset; do
-    command -v "$tool" >/dev/null || need+=("$tool")
-done
-if ((${#need[@]})); then
-    pkgs=()
-    for t in "${need[@]}"; do
-        case "$t" in
-            callgrind_annotate) pkgs+=(valgrind) ;;
-            nginx) pkgs+=(nginx-light) ;;
-            taskset) pkgs+=(util-linux) ;;
-            *) pkgs+=("$t") ;;
-        esac
-    done
-    sudo=""
-    [[ $(id -u) == 0 ]] || sudo="sudo"
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
-fi
+# shellcheck source=scripts/bench-common.sh
+source "$repo/scripts/bench-common.sh"
+install_missing valgrind callgrind_annotate callgrind_control wrk nginx redis-server curl python3 taskset
 bins=("$@")
 if ((${#bins[@]} == 0)); then
     cargo build --release --quiet --bin matrix-refresh-proxy
@@ -51,58 +36,15 @@ if [[ -n "${INSTR_FLOOR:-}" ]]; then
     cargo build --release --quiet --example hyper_floor
 fi
 read -r -a cases <<<"${INSTR_CASES:-access_token passthrough anonymous}"
-if (($(nproc) >= 2)); then
-    load="taskset -c 0"
-    serve="taskset -c 1"
-else
-    load=""
-    serve=""
-fi
-export TOKIO_WORKER_THREADS=1
-
-tmp="$(mktemp -d)"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port)
 
 $serve redis-server --port 0 --unixsocket "$tmp/redis.sock" --save "" --appendonly no \
     --daemonize no >/dev/null &
 pids+=($!)
-mkdir -p "$tmp/up"
-cat >"$tmp/up.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $tmp/up/nginx.pid;
-error_log $tmp/up/error.log warn;
-events { worker_connections 1024; }
-http {
-    client_body_temp_path $tmp/up/body;
-    proxy_temp_path $tmp/up/proxy;
-    fastcgi_temp_path $tmp/up/fastcgi;
-    uwsgi_temp_path $tmp/up/uwsgi;
-    scgi_temp_path $tmp/up/scgi;
-    keepalive_requests 100000000;
-    access_log off;
-    server {
-        listen 127.0.0.1:$up_port;
-        default_type application/json;
-        location / { return 200 '{"user_id":"@bench:bench","device_id":"DEV"}'; }
-        location ~ /login\$ {
-            return 200 '{"user_id":"@u\$request_id:bench","device_id":"D\$request_id","access_token":"syt_\$request_id"}';
-        }
-    }
-}
-NGINX
-$serve nginx -c "$tmp/up.conf" -p "$tmp/up" 2>/dev/null &
-pids+=($!)
+upstream_conf "$up_port"
+start_nginx upstream
 
-# measure NAME PORT AUTH(at|hs|none) COMMAND...: prints "requests instructions sha2-instructions".
+# measure NAME PORT AUTH(at|hs|none) COMMAND...: prints "requests instructions idle-instructions-per-second".
 measure() {
     local name=$1 port=$2 auth=$3
     shift 3
