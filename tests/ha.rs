@@ -411,6 +411,27 @@ fn report(name: &str, stats: &Stats, extra: &str, elapsed: Duration) {
     );
 }
 
+/// The proxies' store-error lines (the error each 503 came from), printed when a check fails.
+fn store_errors(proxies: &[&ProxyProcess]) -> String {
+    let mut out = String::new();
+    for (i, p) in proxies.iter().enumerate() {
+        let logs = p.logs_now();
+        let lines: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("store unavailable") || l.contains("ERROR"))
+            .collect();
+        out.push_str(&format!(
+            "proxy {i}: {} store-error lines, the last:\n",
+            lines.len()
+        ));
+        for l in &lines[lines.len().saturating_sub(8)..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn assert_clean(stats: &Stats, lost: usize) {
     let errors = stats.errors.lock().unwrap();
     assert!(
@@ -483,6 +504,9 @@ async fn sentinel_failover_and_killed_master_lose_nothing() {
     let elapsed = load.started.elapsed();
     let stats = load.stop().await;
     let lost = check_sessions(&stats, &urls).await;
+    if lost > 0 {
+        eprintln!("{}", store_errors(&[&a, &b]));
+    }
     report(
         "sentinel SENTINEL FAILOVER",
         &stats,
@@ -528,6 +552,9 @@ async fn sentinel_failover_and_killed_master_lose_nothing() {
     let elapsed = load.started.elapsed();
     let stats = load.stop().await;
     let lost = check_sessions(&stats, &urls).await;
+    if lost > 0 {
+        eprintln!("{}", store_errors(&[&a, &b]));
+    }
     report(
         "sentinel kill -9 master",
         &stats,
