@@ -132,8 +132,8 @@ async fn serve_connection(
         None => ClientScheme::Http,
     };
     let conn = ClientConn::new(peer, scheme, app.trusted_proxies.contains(peer.ip()));
-    let handshake_timeout = app.http.header_read_timeout;
-    let head_timeout = app.http.header_read_timeout;
+    // Bounds the TLS handshake and, through hyper, every request head.
+    let header_timeout = app.http.header_read_timeout;
     let idle_timeout = app.http.idle_timeout;
     let activity = Activity::new();
     let act = activity.clone();
@@ -148,7 +148,7 @@ async fn serve_connection(
         }
     });
     let io = TrackedIo::new(stream, activity.clone());
-    let Some(io) = crate::tls::accept(acceptor, io, handshake_timeout, peer).await else {
+    let Some(io) = crate::tls::accept(acceptor, io, header_timeout, peer).await else {
         return;
     };
     // hyper's HTTP/1 header-read timer, fired by this connection's own watcher (head_timer.rs).
@@ -169,7 +169,7 @@ async fn serve_connection(
                 tracing::debug!("closing an idle connection");
                 activity.close();
             }
-            () = head_clock.watch(head_timeout) => {}
+            () = head_clock.watch(header_timeout) => {}
         }
     });
     if let Err(e) = conn.await {

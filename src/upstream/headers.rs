@@ -49,6 +49,8 @@ impl ClientScheme {
 }
 
 const HOPS: usize = 9;
+/// Where `Connection` stands in [`HOP_BY_HOP`].
+const CONNECTION_AT: usize = 0;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not the message, and must
 /// not be forwarded. `Proxy-Authorization` carries credentials meant for this hop only.
@@ -77,10 +79,10 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
             present[i] = true;
         }
     }
-    if present == [false; HOPS] {
+    if !present.contains(&true) {
         return;
     }
-    if present[0] {
+    if present[CONNECTION_AT] {
         // Fields the `Connection` header names (RFC 9110 §7.6.1), other than those removed
         // anyway: found among the message's own names, not parsed and looked up.
         let named: Vec<HeaderName> = h
@@ -110,7 +112,7 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
 /// one comparison), not nine `HeaderName` comparisons.
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     let i = match name.as_str() {
-        "connection" => 0,
+        "connection" => CONNECTION_AT,
         "keep-alive" => 1,
         "proxy-connection" => 2,
         "proxy-authenticate" => 3,
@@ -165,20 +167,19 @@ pub fn prepare_request(h: &mut HeaderMap, conn: &ClientConn) {
         }
     }
     // `insert` replaces every earlier value: one `X-Forwarded-For`, one `X-Forwarded-Proto`.
-    let forwarded_for = match h.get_all(X_FORWARDED_FOR).iter().next() {
-        // Only a trusted peer's chain is still here.
-        Some(_) => {
-            let mut value = String::with_capacity(64);
-            for prior in h.get_all(X_FORWARDED_FOR) {
-                if let Ok(p) = prior.to_str() {
-                    value.push_str(p);
-                    value.push_str(", ");
-                }
+    // Only a trusted peer's chain is still here.
+    let forwarded_for = if h.contains_key(X_FORWARDED_FOR) {
+        let mut value = String::with_capacity(64);
+        for prior in h.get_all(X_FORWARDED_FOR) {
+            if let Ok(p) = prior.to_str() {
+                value.push_str(p);
+                value.push_str(", ");
             }
-            value.push_str(conn.peer_text.to_str().unwrap_or_default());
-            HeaderValue::try_from(value).unwrap_or_else(|_| conn.peer_text.clone())
         }
-        None => conn.peer_text.clone(),
+        value.push_str(conn.peer_text.to_str().unwrap_or_default());
+        HeaderValue::try_from(value).unwrap_or_else(|_| conn.peer_text.clone())
+    } else {
+        conn.peer_text.clone()
     };
     h.insert(X_FORWARDED_FOR, forwarded_for);
     let proto = match h.entry(X_FORWARDED_PROTO) {
