@@ -9,6 +9,9 @@
 -- since Redis 7; `replicate_commands` switches it on in Redis 3.2-4).
 -- Bookkeeping of key lifetimes (index scores that mirror a key's TTL) uses `real_now`, Redis
 -- `TIME` without the offset, since Redis expires keys on its own clock.
+-- Text to number (`tonumber`) and number to text (`int`) are among the costliest steps of a
+-- script here (each a `strtod` or `sprintf`, some 2,500 instructions of Redis: more than a
+-- `redis.call('HGET')`): the scripts convert a value once and reuse the text where they can.
 local real_now = 0
 local function clock(offset)
   if redis.replicate_commands then
@@ -16,6 +19,9 @@ local function clock(offset)
   end
   local t = redis.call('TIME')
   real_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if offset == '0' then
+    return real_now
+  end
   return real_now + tonumber(offset)
 end
 
@@ -35,16 +41,17 @@ end
 -- `retention_ms`, so that late callers learn "expired" (soft logout, 403) rather than "unknown".
 local function pair_times(now, ends, access_ms, refresh_ms, cap_ms, retention_ms)
   ends = tonumber(ends)
-  local function capped(t)
-    if ends > 0 then
-      return math.min(t, ends)
-    end
-    return t
+  local aexp = now + tonumber(access_ms)
+  if ends > 0 and aexp > ends then
+    aexp = ends
   end
-  local aexp = capped(now + tonumber(access_ms))
   local rexp = ends
-  if tonumber(refresh_ms) > 0 then
-    rexp = capped(now + tonumber(refresh_ms))
+  refresh_ms = tonumber(refresh_ms)
+  if refresh_ms > 0 then
+    rexp = now + refresh_ms
+    if ends > 0 and rexp > ends then
+      rexp = ends
+    end
   end
   local live_until = rexp
   if live_until <= 0 then
@@ -131,10 +138,11 @@ end
 -- its expiry plus `retention`, and only the newest of them keeps its full record (so it still works until its own expiry, and
 -- can still log out once expired).
 -- The index `k` follows every deletion and TTL change, so it names only live keys.
--- `known`: the session's fields `sa`, `sx`, `ux` and `n` when the caller read them, else nil.
+-- `known`: the session's fields `sa`, `sx` (text or number), `ux` and `n` when the caller read
+-- them, else nil. `now_text`: `int(now)` when the caller has it, else nil.
 -- Returns the fields of the session hash to write (field, value, ...; the caller writes them
 -- with its own HSET): `n`, `sa`, and `ux` once the two sets have their TTL.
-local function consume_refresh(prefix, rtid, now, used_key, session_key, retention, known)
+local function consume_refresh(prefix, rtid, now, used_key, session_key, retention, known, now_text)
   local rkey = prefix .. 'r:' .. rtid
   local r = redis.call('HMGET', rkey, 'st', 'at', 'aexp')
   if r[1] ~= 'rotated' then
@@ -156,7 +164,7 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
     sx = real_now + math.max(redis.call('PTTL', session_key), 0)
   end
   local gone = {rkey}
-  redis.call('ZADD', used_key, int(now), short_id(rtid))
+  redis.call('ZADD', used_key, now_text or int(now), short_id(rtid))
   if trim then
     redis.call('ZREMRANGEBYRANK', used_key, 0, -(USED + 1))
   end
@@ -167,14 +175,16 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
     local akey = prefix .. 'a:' .. r[2]
     -- The paired access token's expiry, kept in the refresh record (records of earlier
     -- versions: read from the access record).
-    local aexp = tonumber(r[3]) or tonumber(redis.call('HGET', akey, 'exp'))
+    -- (Its text, as `int` wrote it, is the marker's score below.)
+    local aexp_text = r[3] or redis.call('HGET', akey, 'exp')
+    local aexp = tonumber(aexp_text)
     if aexp then
       -- Kept until its expiry + retention (it still works until its expiry), never longer.
       local ttl = math.max(aexp - now, 0) + retention
       redis.call('PEXPIRE', akey, int(ttl))
       -- Markers answer soft logout until their score (the token's expiry) + retention; the
       -- lookup compares, and the set is capped, so expired ones need no removal here.
-      redis.call('ZADD', marker_key, int(aexp), short_id(r[2]))
+      redis.call('ZADD', marker_key, aexp_text, short_id(r[2]))
       if trim then
         redis.call('ZREMRANGEBYRANK', marker_key, 0, -(MARKERS + 1))
       end

@@ -7,13 +7,12 @@
 -- (`now` and `expiry`: ms on the Redis clock, offset included, as text; a caller caching the
 -- answer computes validity from them with its own measured offset to Redis.)
 local now = clock(ARGV[1])
-local retention = tonumber(ARGV[3])
 local a = redis.call('HMGET', KEYS[1], 'ut', 'exp', 'used', 'prev', 'seen')
 if not a[1] then
   -- A superseded token whose full record is gone: only its marker (scored by the token's
   -- expiry) is left, and answers soft logout until expiry + retention (spec "Soft logout").
   local exp = redis.call('ZSCORE', ARGV[2] .. 'x', short_id(ARGV[4]))
-  if exp and now < tonumber(exp) + retention then
+  if exp and now < tonumber(exp) + tonumber(ARGV[3]) then
     if redis.call('EXISTS', KEYS[2]) == 1 then
       return {'superseded', int(now)}
     end
@@ -40,11 +39,12 @@ else
   if a[3] == '0' then
     redis.call('HSET', KEYS[1], 'used', '1')
     if a[4] and a[4] ~= '' then
-      local fields = consume_refresh(ARGV[2], a[4], now, KEYS[3], KEYS[2], retention, nil)
+      local fields = consume_refresh(ARGV[2], a[4], now, KEYS[3], KEYS[2], ARGV[3], nil)
       if #fields > 0 then
         redis.call('HSET', KEYS[2], unpack(fields))
       end
     end
   end
 end
-return {status, a[1], int(exp), s[1], s[2], int(now)}
+-- The expiry as stored (the text `int` wrote), not printed again.
+return {status, a[1], a[2], s[1], s[2], int(now)}

@@ -16,33 +16,42 @@ local s = redis.call('HMGET', KEYS[2], 'u', 'end', 'sx', 'sa', 'ux', 'n')
 if not s[1] or not r[1] then
   return {'gone'}
 end
+-- Each number read once (common.lua: conversions are costly).
+local ends = tonumber(s[2])
 if r[1] == 'rotated' then
-  if refresh_ended(0, s[2], now) then
+  if refresh_ended(0, ends, now) then
     return {'expired'}
   end
   return {'grace', r[4], r[5], int(now)}
 end
-if refresh_ended(r[2], s[2], now) then
+if refresh_ended(r[2], ends, now) then
   return {'expired'}
 end
 -- New tokens never outlive the session's absolute end.
-local aexp, rexp, ttl = pair_times(now, s[2], ARGV[10], ARGV[11], ARGV[13], ARGV[12])
-redis.call('HSET', KEYS[5], 'ut', ARGV[5], 'exp', int(aexp), 'used', '0', 'prev', ARGV[2])
-redis.call('PEXPIRE', KEYS[5], int(ttl))
-redis.call('HSET', KEYS[6], 'st', 'live', 'ut', ARGV[6], 'exp', int(rexp), 'at', ARGV[3],
-  'prev', ARGV[2], 'aexp', int(aexp))
-redis.call('PEXPIRE', KEYS[6], int(ttl))
+local aexp, rexp, ttl = pair_times(now, ends, ARGV[10], ARGV[11], ARGV[13], ARGV[12])
+local now_text, aexp_text, ttl_text = int(now), int(aexp), int(ttl)
+local rexp_text = int(rexp)
+redis.call('HSET', KEYS[5], 'ut', ARGV[5], 'exp', aexp_text, 'used', '0', 'prev', ARGV[2])
+redis.call('PEXPIRE', KEYS[5], ttl_text)
+redis.call('HSET', KEYS[6], 'st', 'live', 'ut', ARGV[6], 'exp', rexp_text, 'at', ARGV[3],
+  'prev', ARGV[2], 'aexp', aexp_text)
+redis.call('PEXPIRE', KEYS[6], ttl_text)
 -- Rotated: the sealed upstream token is no longer kept (`ut` emptied).
-redis.call('HSET', KEYS[1], 'st', 'rotated', 'next', ARGV[7], 'natexp', int(aexp), 'ut', '')
+redis.call('HSET', KEYS[1], 'st', 'rotated', 'next', ARGV[7], 'natexp', aexp_text, 'ut', '')
 -- Read by the admin API: last refresh and the current pair's expiries.
-local fields = {'lr', int(now), 'aexp', int(aexp), 'rexp', int(rexp), 'cr', ARGV[4]}
+local fields = {'lr', now_text, 'aexp', aexp_text, 'rexp', rexp_text, 'cr', ARGV[4]}
+local sx = tonumber(s[3])
 -- Using this refresh token ends the grace of the one before it.
 if r[3] and r[3] ~= '' then
-  local more = consume_refresh(ARGV[8], r[3], now, KEYS[4], KEYS[2], ARGV[9], {s[4], s[3], s[5], s[6]})
+  local more = consume_refresh(ARGV[8], r[3], now, KEYS[4], KEYS[2], ARGV[9],
+    {s[4], sx, s[5], s[6]}, now_text)
   for _, v in ipairs(more) do
     fields[#fields + 1] = v
   end
 end
 redis.call('HSET', KEYS[2], unpack(fields))
-local reindex = extend_session(ARGV[8], ttl, s[3])
-return {'ok', int(now), int(aexp), int(reindex)}
+local reindex = extend_session(ARGV[8], ttl, sx)
+if reindex == 0 then
+  return {'ok', now_text, aexp_text, '0'}
+end
+return {'ok', now_text, aexp_text, int(reindex)}
