@@ -95,3 +95,29 @@ start_nginx() {
     nginx_pid=$!
     pids+=($nginx_pid)
 }
+
+# The login of the benchmarks (the fixed-answer upstream answers each with a new user).
+login_body='{"type":"m.login.password","identifier":{"type":"m.id.user","user":"bench"},"password":"p","refresh_token":true}'
+
+# refresh_script FILE: the wrk script of /refresh with fresh tokens: each connection logs in
+# once, then spends every refresh token exactly once (the next request uses the one the last
+# answer returned), as a client does.
+refresh_script() {
+    cat >"$1" <<LUA
+local pool = {}
+logins = 0
+local hdr = { ["Content-Type"] = "application/json" }
+request = function()
+    local rt = table.remove(pool)
+    if rt then
+        return wrk.format("POST", "/_matrix/client/v3/refresh", hdr, '{"refresh_token":"' .. rt .. '"}')
+    end
+    logins = logins + 1
+    return wrk.format("POST", "/_matrix/client/v3/login", hdr, '$login_body')
+end
+response = function(status, headers, body)
+    local rt = body:match('"refresh_token"%s*:%s*"([^"]+)"')
+    if rt then pool[#pool + 1] = rt end
+end
+LUA
+}

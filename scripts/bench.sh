@@ -144,7 +144,6 @@ done
 rss() { awk '/VmRSS/ {printf "%.1f MB", $2/1024}' "/proc/$1/status"; }
 rss_idle=$(rss "$proxy_pid")
 
-login_body='{"type":"m.login.password","identifier":{"type":"m.id.user","user":"bench"},"password":"p","refresh_token":true}'
 at=$(curl -fs -X POST "http://127.0.0.1:$proxy_port/_matrix/client/v3/login" -d "$login_body" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
 curl -fs -H "Authorization: Bearer $at" "http://127.0.0.1:$proxy_port/_matrix/client/v3/account/whoami" >/dev/null
@@ -155,25 +154,7 @@ wrk.method = "POST"
 wrk.body = '$login_body'
 wrk.headers["Content-Type"] = "application/json"
 LUA
-# /refresh with fresh tokens: each connection logs in once, then spends every refresh token
-# exactly once (the next request uses the one the last answer returned), as a client does.
-cat >"$tmp/refresh.lua" <<LUA
-local pool = {}
-logins = 0
-local hdr = { ["Content-Type"] = "application/json" }
-request = function()
-    local rt = table.remove(pool)
-    if rt then
-        return wrk.format("POST", "/_matrix/client/v3/refresh", hdr, '{"refresh_token":"' .. rt .. '"}')
-    end
-    logins = logins + 1
-    return wrk.format("POST", "/_matrix/client/v3/login", hdr, '$login_body')
-end
-response = function(status, headers, body)
-    local rt = body:match('"refresh_token"%s*:%s*"([^"]+)"')
-    if rt then pool[#pool + 1] = rt end
-end
-LUA
+refresh_script "$tmp/refresh.lua"
 # Fixed offered rate (wrk2-style schedule): RATE requests per second for the one wrk thread, the
 # n-th sent at start + n/RATE whatever the answers' latency, so every target gets the same load
 # (a fixed pause after each answer would offer a slower target less). wrk's timers count whole
