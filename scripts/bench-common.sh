@@ -99,6 +99,16 @@ start_nginx() {
 # The login of the benchmarks (the fixed-answer upstream answers each with a new user).
 login_body='{"type":"m.login.password","identifier":{"type":"m.id.user","user":"bench"},"password":"p","refresh_token":true}'
 
+# login_script FILE: the wrk script of /login wrapping: every request mints a new session (the
+# upstream answers a fresh token).
+login_script() {
+    cat >"$1" <<LUA
+wrk.method = "POST"
+wrk.body = '$login_body'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+}
+
 # refresh_script FILE: the wrk script of /refresh with fresh tokens: each connection logs in
 # once, then spends every refresh token exactly once (the next request uses the one the last
 # answer returned), as a client does.

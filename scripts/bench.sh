@@ -148,12 +148,7 @@ at=$(curl -fs -X POST "http://127.0.0.1:$proxy_port/_matrix/client/v3/login" -d 
     python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
 curl -fs -H "Authorization: Bearer $at" "http://127.0.0.1:$proxy_port/_matrix/client/v3/account/whoami" >/dev/null
 
-# /login wrapping: every request mints a new session (the upstream answers a fresh token).
-cat >"$tmp/login.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '$login_body'
-wrk.headers["Content-Type"] = "application/json"
-LUA
+login_script "$tmp/login.lua"
 refresh_script "$tmp/refresh.lua"
 # Fixed offered rate (wrk2-style schedule): RATE requests per second for the one wrk thread, the
 # n-th sent at start + n/RATE whatever the answers' latency, so every target gets the same load

@@ -6,7 +6,8 @@
 #   scripts/instructions.sh [BINARY ...]      (default: the release build of this checkout)
 # Environment: INSTR_SECS (measured seconds per case, default 8), INSTR_CASES (default
 # "access_token passthrough anonymous"; also "refresh": POST /refresh with fresh tokens, each
-# spent once, as bench.sh's case), INSTR_REDIS=1 (Redis under callgrind too: its instructions
+# spent once, and "login": POST /login wrapping, a new session each, as bench.sh's cases),
+# INSTR_REDIS=1 (Redis under callgrind too: its instructions
 # per request beside the proxy's), INSTR_FLOOR=1 (also examples/hyper_floor.rs, the bare
 # hyper proxy), INSTR_TOP=DIR (each run's 40 costliest functions, self cost per request, in DIR),
 # INSTR_KEEP=DIR (each run's callgrind file, for `callgrind_annotate --inclusive=yes` or a viewer).
@@ -59,10 +60,11 @@ redis_total() {
     callgrind_annotate "$tmp/redis.cg.$1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
 }
 refresh_script "$tmp/refresh.lua"
+login_script "$tmp/login.lua"
 upstream_conf "$up_port"
 start_nginx upstream
 
-# measure NAME PORT AUTH(at|hs|none|refresh) COMMAND...: prints "requests instructions
+# measure NAME PORT AUTH(at|hs|none|refresh|login) COMMAND...: prints "requests instructions
 # idle-instructions-per-second redis-instructions" (the last 0 without INSTR_REDIS).
 measure() {
     local name=$1 port=$2 auth=$3
@@ -79,15 +81,17 @@ measure() {
         at)
             local at
             at=$(curl -fs -X POST "$base/v3/login" \
-                -d '{"type":"m.login.password","identifier":{"type":"m.id.user","user":"bench"},"password":"p","refresh_token":true}' |
+                -d "$login_body" |
                 python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
             hdr=(-H "Authorization: Bearer $at")
             ;;
         hs) hdr=(-H "Authorization: Bearer syt_YmVuY2g_homeserverTokenOfTheBench_0a1b2c") ;;
         refresh) hdr=(-s "$tmp/refresh.lua") ;;
+        login) hdr=(-s "$tmp/login.lua") ;;
     esac
     local url="$base/v3/account/whoami"
     [[ "$auth" == refresh ]] && url="$base/"
+    [[ "$auth" == login ]] && url="$base/v3/login"
     $load wrk -t1 -c8 -d2s "${hdr[@]}" "$url" >/dev/null
     # The proxy's background work (timers, the invalidation heartbeat, Redis pings), counted
     # while idle and taken off in proportion: otherwise it would weigh per request with how
@@ -176,6 +180,7 @@ for bin in "${bins[@]}"; do
             passthrough) auth=hs ;;
             anonymous) auth=none ;;
             refresh) auth=refresh ;;
+            login) auth=login ;;
             *) echo "unknown case $c" >&2 && exit 2 ;;
         esac
         row "$(basename "$bin")" "$c" "$(measure "b$i-$c" "$port" "$auth" "$bin" --config "$tmp/proxy.yaml")"

@@ -9,24 +9,28 @@
 -- Returns {now, access expiry, '0'} (ms, as text; the third as rotate.lua's index ttl).
 local now = clock(ARGV[3])
 local ends = 0
-if tonumber(ARGV[9]) > 0 then
-  ends = now + tonumber(ARGV[9])
+local lifetime = tonumber(ARGV[9])
+if lifetime > 0 then
+  ends = now + lifetime
 end
 local aexp, rexp, ttl = pair_times(now, ends, ARGV[7], ARGV[8], ARGV[11], ARGV[10])
--- The session's fixed keys live a little longer than its records (`slack`), so that most
--- rotations need not extend them; `sx` is when they expire (Redis clock).
 local keep = ttl + slack(ttl)
-redis.call('HSET', KEYS[1], 'u', ARGV[1], 'd', ARGV[2], 'end', int(ends), 'c', int(now),
-  'lr', '0', 'aexp', int(aexp), 'rexp', int(rexp), 'sx', int(real_now + keep),
+-- Each number printed once (common.lua: conversions are costly).
+local now_text, aexp_text, rexp_text, ttl_text = int(now), int(aexp), int(rexp), int(ttl)
+local ends_text = '0'
+if ends > 0 then
+  ends_text = int(ends)
+end
+redis.call('HSET', KEYS[1], 'u', ARGV[1], 'd', ARGV[2], 'end', ends_text, 'c', now_text,
+  'lr', '0', 'aexp', aexp_text, 'rexp', rexp_text, 'sx', int(real_now + keep),
   'cr', string.match(KEYS[3], ':r:([^:]+)$'))
 if ARGV[12] ~= '' then
   redis.call('HSET', KEYS[1], 'ue', ARGV[12])
 end
 redis.call('PEXPIRE', KEYS[1], int(keep))
-redis.call('HSET', KEYS[2], 'ut', ARGV[4], 'exp', int(aexp), 'used', '0', 'prev', '')
-redis.call('PEXPIRE', KEYS[2], int(ttl))
-redis.call('HSET', KEYS[3], 'st', 'live', 'ut', ARGV[5], 'exp', int(rexp), 'at', ARGV[6],
-  'prev', '', 'aexp', int(aexp))
-redis.call('PEXPIRE', KEYS[3], int(ttl))
--- The user index was written first, for this TTL (Sessions::mint): nothing to extend.
-return {int(now), int(aexp), '0'}
+redis.call('HSET', KEYS[2], 'ut', ARGV[4], 'exp', aexp_text, 'used', '0', 'prev', '')
+redis.call('PEXPIRE', KEYS[2], ttl_text)
+redis.call('HSET', KEYS[3], 'st', 'live', 'ut', ARGV[5], 'exp', rexp_text, 'at', ARGV[6],
+  'prev', '', 'aexp', aexp_text)
+redis.call('PEXPIRE', KEYS[3], ttl_text)
+return {now_text, aexp_text, '0'}

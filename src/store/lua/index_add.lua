@@ -31,9 +31,11 @@ redis.call('HDEL', KEYS[3], ARGV[1])
 -- Extended with slack as well, so that the next logins and refreshes of the user find them long
 -- enough and skip the PEXPIREs (before, each login set both: a count of commands that also
 -- depended on whether two logins fell within one millisecond).
+local keep_text
 for i = 1, 2 do
   if redis.call('PTTL', KEYS[i]) < ttl then
-    redis.call('PEXPIRE', KEYS[i], int(ttl + slack(ttl)))
+    keep_text = keep_text or int(ttl + slack(ttl))
+    redis.call('PEXPIRE', KEYS[i], keep_text)
   end
 end
 return 'ok'
