@@ -6,11 +6,11 @@
 #   scripts/instructions.sh [BINARY ...]      (default: the release build of this checkout)
 # Environment: INSTR_SECS (measured seconds per case, default 8), INSTR_CASES (default
 # "access_token passthrough anonymous"; also "refresh": POST /refresh with fresh tokens, each
-# spent once, and "login": POST /login wrapping, a new session each, as bench.sh's cases),
-# INSTR_REDIS=1 (Redis under callgrind too: its instructions
-# per request beside the proxy's), INSTR_FLOOR=1 (also examples/hyper_floor.rs, the bare
-# hyper proxy), INSTR_TOP=DIR (each run's 40 costliest functions, self cost per request, in DIR),
-# INSTR_KEEP=DIR (each run's callgrind file, for `callgrind_annotate --inclusive=yes` or a viewer).
+# spent once, and "login": POST /login wrapping, a new session each, as in bench.sh; Redis'
+# side of those: scripts/redis-instructions.sh), INSTR_FLOOR=1 (also examples/hyper_floor.rs,
+# the bare hyper proxy), INSTR_TOP=DIR (each run's 40 costliest functions, self cost per
+# request, in DIR), INSTR_KEEP=DIR (each run's callgrind file, for `callgrind_annotate
+# --inclusive=yes` or a viewer).
 #
 # Each case starts its own redis-server (unix socket), one nginx as the fixed-answer upstream and
 # the proxy under callgrind on CPU 1 (one tokio worker), logs in once (access token case), warms
@@ -42,30 +42,16 @@ fi
 read -r -a cases <<<"${INSTR_CASES-access_token passthrough anonymous}"
 up_port=$(free_port)
 
-redis_cg=()
-if [[ -n "${INSTR_REDIS:-}" ]]; then
-    redis_cg=(valgrind --tool=callgrind --callgrind-out-file="$tmp/redis.cg")
-fi
-$serve "${redis_cg[@]}" redis-server --port 0 --unixsocket "$tmp/redis.sock" --save "" \
-    --appendonly no --daemonize no >/dev/null 2>"$tmp/redis.vg" &
-redis_pid=$!
-pids+=($redis_pid)
-for _ in $(seq 300); do
-    redis-cli -s "$tmp/redis.sock" PING >/dev/null 2>&1 && break
-    sleep 0.2
-done
-redis_dumps=0
-# redis_total N: the instructions of Redis' N-th callgrind dump.
-redis_total() {
-    callgrind_annotate "$tmp/redis.cg.$1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
-}
+$serve redis-server --port 0 --unixsocket "$tmp/redis.sock" --save "" --appendonly no \
+    --daemonize no >/dev/null &
+pids+=($!)
 refresh_script "$tmp/refresh.lua"
 login_script "$tmp/login.lua"
 upstream_conf "$up_port"
 start_nginx upstream
 
 # measure NAME PORT AUTH(at|hs|none|refresh|login) COMMAND...: prints "requests instructions
-# idle-instructions-per-second redis-instructions" (the last 0 without INSTR_REDIS).
+# idle-instructions-per-second".
 measure() {
     local name=$1 port=$2 auth=$3
     shift 3
@@ -96,14 +82,12 @@ measure() {
     # The proxy's background work (timers, the invalidation heartbeat, Redis pings), counted
     # while idle and taken off in proportion: otherwise it would weigh per request with how
     # fast valgrind happened to run.
-    local redis=""
-    [[ -n "${INSTR_REDIS:-}" ]] && redis=$redis_pid
-    callgrind_control -z "$vpid" $redis >/dev/null 2>&1
+    callgrind_control -z "$vpid" >/dev/null 2>&1
     sleep "$idle_secs"
-    callgrind_control -d "$vpid" $redis >/dev/null 2>&1
+    callgrind_control -d "$vpid" >/dev/null 2>&1
     local out
     out=$($load wrk -t1 -c8 -d"${secs}s" "${hdr[@]}" "$url")
-    callgrind_control -d "$vpid" $redis >/dev/null 2>&1
+    callgrind_control -d "$vpid" >/dev/null 2>&1
     kill "$vpid"
     wait "$vpid" 2>/dev/null || true
     local n idle
@@ -133,17 +117,7 @@ PY
     local total
     total=$(awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}' "$tmp/$name.txt")
     total=$((total - idle * secs / idle_secs))
-    local redis_run=0
-    if [[ -n "$redis" ]]; then
-        # Redis' own idle work (serverCron), taken off the same way.
-        local redis_idle
-        redis_idle=$(redis_total $((redis_dumps + 1)))
-        redis_run=$(redis_total $((redis_dumps + 2)))
-        redis_dumps=$((redis_dumps + 2))
-        [[ -n "${INSTR_KEEP:-}" ]] && cp "$tmp/redis.cg.$redis_dumps" "$INSTR_KEEP/$name.redis.cg"
-        redis_run=$((redis_run - redis_idle * secs / idle_secs))
-    fi
-    echo "$n $total $((idle / idle_secs)) $redis_run"
+    echo "$n $total $((idle / idle_secs))"
 }
 
 config() { # $1 port
@@ -158,11 +132,11 @@ rate_limit: { enabled: true, login: { per_second: 1000000, burst: 1000000 }, ref
 YAML
 }
 
-printf '%-24s %-14s %9s %10s %12s %12s\n' build case requests instr/req "idle instr/s" "redis/req"
-row() { # build case "n total idle-per-second redis-total"
-    local n total idle redis
-    read -r n total idle redis <<<"$3"
-    printf '%-24s %-14s %9d %10d %12d %12d\n' "$1" "$2" "$n" $((total / n)) "$idle" $((redis / n))
+printf '%-24s %-14s %9s %10s %12s\n' build case requests instr/req "idle instr/s"
+row() { # build case "n total idle-per-second"
+    local n total idle
+    read -r n total idle <<<"$3"
+    printf '%-24s %-14s %9d %10d %12d\n' "$1" "$2" "$n" $((total / n)) "$idle"
 }
 if [[ -n "${INSTR_FLOOR:-}" ]]; then
     port=$(free_port)
