@@ -282,11 +282,15 @@ async fn wait_service(urls: &[String], limit: Duration) -> Duration {
 
 /// Every session the load was issued still works with its latest tokens, through both proxies:
 /// the access token authenticates and the refresh token refreshes. Returns how many were lost.
-async fn check_sessions(stats: &Stats, urls: &[String]) -> usize {
+/// `topology`: whether writes can be acknowledged now (a master with a replica online), and
+/// the topology's state, printed once when a session's refresh has answered 503 for more than
+/// 3 s (to tell a stuck store from a stuck session).
+async fn check_sessions(stats: &Stats, urls: &[String], topology: &Topology<'_>) -> usize {
     let c = client();
     let sessions = stats.sessions.lock().unwrap().clone();
     let mut lost = 0;
     let mut retried = 0;
+    let mut unwritable = 0;
     for (i, t) in sessions.iter().enumerate() {
         let a = &urls[i % urls.len()];
         let b = &urls[(i + 1) % urls.len()];
@@ -295,7 +299,11 @@ async fn check_sessions(stats: &Stats, urls: &[String]) -> usize {
         // connection is back); on /refresh also `min_replicas_acked` (no replica acknowledged in
         // time, e.g. while the restarted node still resyncs). The client retries, the same
         // refresh token too, and a rotation that went through answers it from its grace.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // 10 s of retries, not counting time in which the master had no replica online to
+        // acknowledge a write (a refresh then answers 503 by configuration, not by loss), up
+        // to 60 s in all.
+        let mut deadline = Instant::now() + Duration::from_secs(10);
+        let limit = Instant::now() + Duration::from_secs(60);
         let w = loop {
             let w = send(&c, Method::GET, &format!("{a}{WHOAMI}"), Some(&t.at), None).await;
             if w.status != 503 || Instant::now() > deadline {
@@ -304,6 +312,7 @@ async fn check_sessions(stats: &Stats, urls: &[String]) -> usize {
             retried += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
+        let mut reported = false;
         let r = loop {
             let r = send(
                 &c,
@@ -313,8 +322,22 @@ async fn check_sessions(stats: &Stats, urls: &[String]) -> usize {
                 Some(json!({"refresh_token": t.rt})),
             )
             .await;
-            if r.status != 503 || Instant::now() > deadline {
+            if r.status != 503 || Instant::now() > deadline.min(limit) {
                 break r;
+            }
+            if !tokio::task::block_in_place(topology.writable) {
+                deadline += Duration::from_millis(200);
+                unwritable += 1;
+            }
+            if !reported
+                && deadline.saturating_duration_since(Instant::now()) < Duration::from_secs(7)
+            {
+                reported = true;
+                eprintln!(
+                    "session {i}: refresh still 503 ({}) after 3 s; topology now:\n{}",
+                    String::from_utf8_lossy(&r.body),
+                    tokio::task::block_in_place(topology.report)
+                );
             }
             retried += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -330,9 +353,19 @@ async fn check_sessions(stats: &Stats, urls: &[String]) -> usize {
         }
     }
     if retried > 0 {
-        eprintln!("check: {retried} requests answered 503 and were retried");
+        eprintln!(
+            "check: {retried} requests answered 503 and were retried ({unwritable} while the master had no replica online)"
+        );
     }
     lost
+}
+
+/// What `check_sessions` asks of the Redis topology under test.
+struct Topology<'a> {
+    /// Whether a write can be acknowledged as configured now.
+    writable: &'a (dyn Fn() -> bool + Sync),
+    /// Its state, for the failure message.
+    report: &'a (dyn Fn() -> String + Sync),
 }
 
 /// Logout through one proxy is refused through the other at once.
@@ -503,9 +536,14 @@ async fn sentinel_failover_and_killed_master_lose_nothing() {
     let back = wait_service(&urls, Duration::from_secs(10)).await;
     let elapsed = load.started.elapsed();
     let stats = load.stop().await;
-    let lost = check_sessions(&stats, &urls).await;
+    let topology = Topology {
+        writable: &|| s.master_has_replica(),
+        report: &|| s.replication_report(),
+    };
+    let lost = check_sessions(&stats, &urls, &topology).await;
     if lost > 0 {
         eprintln!("{}", store_errors(&[&a, &b]));
+        eprintln!("{}", tokio::task::block_in_place(|| s.replication_report()));
     }
     report(
         "sentinel SENTINEL FAILOVER",
@@ -551,9 +589,14 @@ async fn sentinel_failover_and_killed_master_lose_nothing() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let elapsed = load.started.elapsed();
     let stats = load.stop().await;
-    let lost = check_sessions(&stats, &urls).await;
+    let topology = Topology {
+        writable: &|| s.master_has_replica(),
+        report: &|| s.replication_report(),
+    };
+    let lost = check_sessions(&stats, &urls, &topology).await;
     if lost > 0 {
         eprintln!("{}", store_errors(&[&a, &b]));
+        eprintln!("{}", tokio::task::block_in_place(|| s.replication_report()));
     }
     report(
         "sentinel kill -9 master",
@@ -646,7 +689,11 @@ async fn cluster_slot_migration_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let elapsed = load.started.elapsed();
     let stats = load.stop().await;
-    let lost = check_sessions(&stats, &urls).await;
+    let topology = Topology {
+        writable: &|| true,
+        report: &String::new,
+    };
+    let lost = check_sessions(&stats, &urls, &topology).await;
     report(
         "cluster reshard 1100 slots",
         &stats,

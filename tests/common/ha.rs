@@ -271,6 +271,92 @@ impl SentinelSetup {
         out.lines().nth(1).and_then(|p| p.parse().ok()).unwrap()
     }
 
+    /// Each data node's view of replication (role, link, replicas with their acknowledged
+    /// offsets, its own offset) and the master Sentinel names: printed when a test sees a
+    /// store failure it did not expect.
+    pub fn replication_report(&self) -> String {
+        let mut out = format!(
+            "sentinel names master {}\n",
+            cli(
+                self.sentinels[0].port,
+                &["SENTINEL", "get-master-addr-by-name", MASTER_NAME]
+            )
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(":")
+        );
+        for n in &self.nodes {
+            let info = cli(n.port, &["INFO", "replication"]);
+            let fields: Vec<&str> = info
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    [
+                        "role:",
+                        "master_port:",
+                        "master_link_status:",
+                        "connected_slaves:",
+                        "slave",
+                        "master_repl_offset:",
+                        "master_replid:",
+                    ]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+                })
+                .collect();
+            out.push_str(&format!("node {}: {}\n", n.port, fields.join(" ")));
+        }
+        // Each Sentinel's failover events, in its own order (its log).
+        for (i, sentinel) in self.sentinels.iter().enumerate() {
+            let log = sentinel.log();
+            let events: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    [
+                        "+switch-master",
+                        "+elected-leader",
+                        "+promoted-slave",
+                        "+failover-end",
+                        "-failover-abort",
+                        "+convert-to-slave",
+                        "+try-failover",
+                        "+odown",
+                        "+reboot",
+                    ]
+                    .iter()
+                    .any(|e| l.contains(e))
+                })
+                .collect();
+            out.push_str(&format!(
+                "sentinel {i} events:\n  {}\n",
+                events[events.len().saturating_sub(12)..].join("\n  ")
+            ));
+        }
+        out
+    }
+
+    /// Whether the master Sentinel names has a replica online, so that a write which must be
+    /// acknowledged by one (`redis.min_replicas_acked: 1`) can succeed. False between a failover
+    /// and the moment the new master has a replica again, which includes Sentinel's own wait
+    /// (about 8 s, four times its publish period) before it turns a stale master it finds still
+    /// answering as master into a replica.
+    pub fn master_has_replica(&self) -> bool {
+        let out = cli(
+            self.sentinels[0].port,
+            &["SENTINEL", "get-master-addr-by-name", MASTER_NAME],
+        );
+        let Some(port) = out
+            .lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse::<u16>().ok())
+        else {
+            return false;
+        };
+        cli(port, &["INFO", "replication"])
+            .lines()
+            .any(|l| l.starts_with("slave") && l.contains("state=online"))
+    }
+
     /// The data node that Sentinel names as master.
     pub fn master(&mut self) -> &mut Node {
         let p = self.master_port();
