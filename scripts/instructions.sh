@@ -12,11 +12,11 @@
 # request, in DIR), INSTR_KEEP=DIR (each run's callgrind file, for `callgrind_annotate
 # --inclusive=yes` or a viewer).
 #
-# Each case starts its own redis-server (unix socket), one nginx as the fixed-answer upstream and
-# the proxy under callgrind on CPU 1 (one tokio worker), logs in once (access token case), warms
-# up for 2 s with wrk on CPU 0 (8 connections), counts 4 s of idle background work, runs wrk for
-# INSTR_SECS, and divides the instructions (less the background's share of that time) by the
-# requests wrk counted. Valgrind runs the proxy about 30x slower than natively.
+# One redis-server (unix socket) and one nginx (the fixed-answer upstream) serve every case. Each
+# case starts the proxy under callgrind on CPU 1 (one tokio worker), logs in once (access token
+# case), warms up for 2 s with wrk on CPU 0 (8 connections), counts 4 s of idle background work,
+# runs wrk for INSTR_SECS, and divides the instructions (less the background's share of that
+# time) by the requests wrk counted. Valgrind runs the proxy about 30x slower than natively.
 #
 # Valgrind's CPU has no SHA extensions, so SHA-256 runs sha2's portable code here: about 13,800
 # of the access-token case's instructions per request are its two token hashes (measured on a
