@@ -3,8 +3,8 @@
 # proxy's scripts and commands inside Redis, reproducible to ~1 % (issue 11: Redis' CPU is most
 # of a refresh's, and its wall-clock share drifts with the VM). For A/B of Lua changes.
 #   scripts/redis-instructions.sh [BINARY ...]   (default: the release build of this checkout)
-# Environment: RI_LOGINS (logins measured, default 300), RI_SESSIONS and RI_REFRESHES (sessions,
-# and refreshes of each, default 4 x 150).
+# Environment: RI_CASES (default "login refresh"), RI_LOGINS (logins measured, default 300),
+# RI_SESSIONS and RI_REFRESHES (sessions, and refreshes of each, default 4 x 150).
 #
 # Each case starts its own redis-server under callgrind (unix socket), a fixed-answer nginx and
 # the proxy (rate limits off), then drives one keep-alive connection in a fixed order (logins;
@@ -108,7 +108,7 @@ YAML
 
 printf '%-24s %-8s %9s %16s\n' build case requests "redis instr/req"
 for bin in "${bins[@]}"; do
-    for c in login refresh; do
+    for c in ${RI_CASES:-login refresh}; do
         read -r n total <<<"$(measure "$bin" "$c")"
         printf '%-24s %-8s %9d %16d\n' "$(basename "$bin")" "$c" "$n" $((total / n))
     done

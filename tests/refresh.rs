@@ -179,6 +179,41 @@ async fn reuse_after_grace_revokes_the_whole_session() {
     assert!(h.proxy.logs().contains("refresh_token_reuse"));
 }
 
+/// The set of used refresh token ids is capped (64, up to 7 more between trims): the trim keeps
+/// the newest ids, so a token whose grace ended last is still recognised as a reuse after many
+/// refreshes, and the oldest are forgotten. (Its scores are the negated time of use since
+/// issue 11's Redis work; sets written before rank their ids after these and lose them first.)
+#[tokio::test]
+async fn reuse_of_the_latest_used_token_is_detected_after_many_refreshes() {
+    let o = ProxyOptions {
+        extra: "rate_limit:\n  refresh: {per_second: 1, burst: 200}\n".into(),
+        ..Default::default()
+    };
+    let h = Harness::with(o, false).await;
+    let v = h.login("alice").await;
+    let mut spent = vec![rt(&v)];
+    let mut latest = v;
+    for _ in 0..100 {
+        let r = h.refresh(spent.last().unwrap()).await;
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        latest = r.json();
+        spent.push(rt(&latest));
+    }
+    // Each rotation ended the grace of the token before the one it spent: all but the last two
+    // of `spent` are used ids now; the oldest of them were trimmed away.
+    let oldest = &spent[0];
+    assert_unknown_token(&h.refresh(oldest).await, false);
+    assert_eq!(
+        h.whoami(&at(&latest)).await.status,
+        200,
+        "an old id is forgotten, no reuse"
+    );
+    let newest_used = &spent[spent.len() - 3];
+    assert_unknown_token(&h.refresh(newest_used).await, false);
+    assert!(h.proxy.logs().contains("refresh_token_reuse"));
+    assert_unknown_token(&h.whoami(&at(&latest)).await, false);
+}
+
 #[tokio::test]
 async fn fifty_parallel_refreshes_yield_one_identical_pair() {
     // Fifty refreshes of one session at once is past the default refresh burst (20), which is
