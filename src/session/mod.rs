@@ -426,24 +426,26 @@ impl<S: TokenStore> Sessions<S> {
         self.with_rng(|rng| {
             let at = ProxyToken::generate(TokenKind::Access, sid, rng);
             let rt = ProxyToken::generate(TokenKind::Refresh, sid, rng);
+            // Each id is a SHA-256 of the token: computed once (it was twice, issue 11).
+            let (at_id, rt_id) = (at.lookup_id(), rt.lookup_id());
             let sa = seal::seal(
                 &at.sealing_key(),
-                &aad("ut", &at.lookup_id()),
+                &aad("ut", &at_id),
                 upstream.as_bytes(),
                 rng,
             );
             let sr = seal::seal(
                 &rt.sealing_key(),
-                &aad("ut", &rt.lookup_id()),
+                &aad("ut", &rt_id),
                 upstream.as_bytes(),
                 rng,
             );
             let access = NewToken {
-                id: at.lookup_id(),
+                id: at_id,
                 sealed_upstream: sa,
             };
             let refresh = NewToken {
-                id: rt.lookup_id(),
+                id: rt_id,
                 sealed_upstream: sr,
             };
             (at, rt, access, refresh)
@@ -573,7 +575,9 @@ impl<S: TokenStore> Sessions<S> {
                     sealed_upstream,
                     info,
                 } => {
-                    let Some(ut) = seal::open(&rt.sealing_key(), &aad("ut", &id), &sealed_upstream)
+                    // The token's key (a SHA-256) serves the open here and the successor's seal.
+                    let key = rt.sealing_key();
+                    let Some(ut) = seal::open(&key, &aad("ut", &id), &sealed_upstream)
                         .ok()
                         .and_then(|v| String::from_utf8(v).ok())
                     else {
@@ -592,12 +596,7 @@ impl<S: TokenStore> Sessions<S> {
                     let (new_at, new_rt, access, refresh) = self.new_pair(sid, &ut);
                     let successor = [new_at.expose(), new_rt.expose()].join("\n");
                     let sealed_successor = self.with_rng(|rng| {
-                        seal::seal(
-                            &rt.sealing_key(),
-                            &aad("next", &id),
-                            successor.as_bytes(),
-                            rng,
-                        )
+                        seal::seal(&key, &aad("next", &id), successor.as_bytes(), rng)
                     });
                     let rotation = Rotation {
                         access,
