@@ -282,10 +282,11 @@ async fn wait_service(urls: &[String], limit: Duration) -> Duration {
 
 /// Every session the load was issued still works with its latest tokens, through both proxies:
 /// the access token authenticates and the refresh token refreshes. Returns how many were lost.
-/// `topology`: whether writes can be acknowledged now (a master with a replica online), and
-/// the topology's state, printed once when a session's refresh has answered 503 for more than
-/// 3 s (to tell a stuck store from a stuck session).
-async fn check_sessions(stats: &Stats, urls: &[String], topology: &Topology<'_>) -> usize {
+/// `sentinel`: the Sentinel topology under test, asked whether writes can be acknowledged now
+/// (its master has a replica online; 503s while it has none do not count against the retry
+/// deadline), and whose state is printed once a session's refresh has answered 503 for more
+/// than 3 s (to tell a stuck store from a stuck session).
+async fn check_sessions(stats: &Stats, urls: &[String], sentinel: Option<&SentinelSetup>) -> usize {
     let c = client();
     let sessions = stats.sessions.lock().unwrap().clone();
     let mut lost = 0;
@@ -325,7 +326,7 @@ async fn check_sessions(stats: &Stats, urls: &[String], topology: &Topology<'_>)
             if r.status != 503 || Instant::now() > deadline.min(limit) {
                 break r;
             }
-            if !tokio::task::block_in_place(topology.writable) {
+            if !sentinel.is_none_or(|s| tokio::task::block_in_place(|| s.master_has_replica())) {
                 deadline += Duration::from_millis(200);
                 unwritable += 1;
             }
@@ -336,7 +337,9 @@ async fn check_sessions(stats: &Stats, urls: &[String], topology: &Topology<'_>)
                 eprintln!(
                     "session {i}: refresh still 503 ({}) after 3 s; topology now:\n{}",
                     String::from_utf8_lossy(&r.body),
-                    tokio::task::block_in_place(topology.report)
+                    sentinel.map_or_else(String::new, |s| tokio::task::block_in_place(
+                        || s.replication_report()
+                    ))
                 );
             }
             retried += 1;
@@ -360,12 +363,10 @@ async fn check_sessions(stats: &Stats, urls: &[String], topology: &Topology<'_>)
     lost
 }
 
-/// What `check_sessions` asks of the Redis topology under test.
-struct Topology<'a> {
-    /// Whether a write can be acknowledged as configured now.
-    writable: &'a (dyn Fn() -> bool + Sync),
-    /// Its state, for the failure message.
-    report: &'a (dyn Fn() -> String + Sync),
+/// After a loss in a Sentinel phase: each proxy's store errors and the topology's state.
+fn explain_loss(proxies: &[&ProxyProcess], s: &SentinelSetup) {
+    eprintln!("{}", store_errors(proxies));
+    eprintln!("{}", tokio::task::block_in_place(|| s.replication_report()));
 }
 
 /// Logout through one proxy is refused through the other at once.
@@ -536,14 +537,9 @@ async fn sentinel_failover_and_killed_master_lose_nothing() {
     let back = wait_service(&urls, Duration::from_secs(10)).await;
     let elapsed = load.started.elapsed();
     let stats = load.stop().await;
-    let topology = Topology {
-        writable: &|| s.master_has_replica(),
-        report: &|| s.replication_report(),
-    };
-    let lost = check_sessions(&stats, &urls, &topology).await;
+    let lost = check_sessions(&stats, &urls, Some(&s)).await;
     if lost > 0 {
-        eprintln!("{}", store_errors(&[&a, &b]));
-        eprintln!("{}", tokio::task::block_in_place(|| s.replication_report()));
+        explain_loss(&[&a, &b], &s);
     }
     report(
         "sentinel SENTINEL FAILOVER",
@@ -589,14 +585,9 @@ async fn sentinel_failover_and_killed_master_lose_nothing() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let elapsed = load.started.elapsed();
     let stats = load.stop().await;
-    let topology = Topology {
-        writable: &|| s.master_has_replica(),
-        report: &|| s.replication_report(),
-    };
-    let lost = check_sessions(&stats, &urls, &topology).await;
+    let lost = check_sessions(&stats, &urls, Some(&s)).await;
     if lost > 0 {
-        eprintln!("{}", store_errors(&[&a, &b]));
-        eprintln!("{}", tokio::task::block_in_place(|| s.replication_report()));
+        explain_loss(&[&a, &b], &s);
     }
     report(
         "sentinel kill -9 master",
@@ -689,11 +680,7 @@ async fn cluster_slot_migration_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let elapsed = load.started.elapsed();
     let stats = load.stop().await;
-    let topology = Topology {
-        writable: &|| true,
-        report: &String::new,
-    };
-    let lost = check_sessions(&stats, &urls, &topology).await;
+    let lost = check_sessions(&stats, &urls, None).await;
     report(
         "cluster reshard 1100 slots",
         &stats,
