@@ -68,6 +68,11 @@ $servers
 NGINX
 }
 
+# The upstream tokens the fixed-answer upstream issues: this prefix, then 32 hex digits (36
+# characters by default, sealed to 64 bytes; Synapse's own `syt_<localpart>_<random>_<crc>` are
+# 39 and more, e.g. BENCH_TOKEN_PREFIX=syt_YWxpY2U_ for 44).
+token_prefix="${BENCH_TOKEN_PREFIX:-syt_}"
+
 # upstream_conf PORT: the fixed-answer upstream (stands in for the homeserver) on PORT, as
 # nginx's config "upstream". A process of its own: were it the baseline's own worker, nginx
 # would proxy to itself inside one event loop (no second process, fewer context switches) while
@@ -82,7 +87,7 @@ upstream_conf() {
         location ~ /login\$ {
             # A new user per login: one user with 100k live sessions would measure the per-user
             # session index instead (index_add.lua scans it whole on every login and refresh).
-            return 200 '{"user_id":"@u\$request_id:bench","device_id":"D\$request_id","access_token":"syt_\$request_id"}';
+            return 200 '{"user_id":"@u\$request_id:bench","device_id":"D\$request_id","access_token":"$token_prefix\$request_id"}';
         }
     }
 NGINX

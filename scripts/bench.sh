@@ -189,6 +189,22 @@ user_sys() {
 }
 # Context switches of a process, all threads (voluntary and not).
 ctx_sw() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n+=$2} END {printf "%d", n}'; }
+# Ticks of CPU N (the servers' CPU): "steal total" from /proc/stat. Steal is time the
+# hypervisor gave this VM's CPU to someone else: a run with much of it measured the host, not
+# the servers (printed at the end, per run).
+steal_cpu="${serve#taskset -c }"
+[[ -n "$serve" ]] || steal_cpu=""
+steal_ticks() {
+    awk -v c="cpu$steal_cpu" '$1 == c {t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t}' /proc/stat
+}
+: >"$tmp/steal"
+
+# Page faults of a process (minor + major, /proc/PID/stat): each is kernel time that no system
+# call count shows (an allocator returning pages to the kernel and touching them again).
+faults() {
+    [[ -n "$1" && -r "/proc/$1/stat" ]] || { echo 0; return; }
+    sed 's/.*) //' "/proc/$1/stat" | awk '{printf "%d", $8 + $10}'
+}
 up_worker=$(pgrep -P "${nginx_master[upstream]}" | head -1)
 base_worker=$(pgrep -P "${nginx_master[baseline]}" | head -1)
 # run CASE ARGS...: one wrk run; appends "case rps p50_ms p99_ms non2xx server_us redis_us
@@ -208,19 +224,21 @@ run() {
     esac
     local s0 r0 u0
     s0=$(cpu_ns "$server") r0=$(cpu_ns "$redis_pid") u0=$(cpu_ns "$up_worker")
-    local x0 xu0 us0
-    x0=$(ctx_sw "$server") xu0=$(ctx_sw "$up_worker") us0=$(user_sys "$server")
+    local x0 xu0 us0 f0 st0
+    st0=$(steal_ticks)
+    x0=$(ctx_sw "$server") xu0=$(ctx_sw "$up_worker") us0=$(user_sys "$server") f0=$(faults "$server")
     redis-cli -s "$tmp/redis.sock" CONFIG RESETSTAT >/dev/null
     $load wrk -t1 "$@" --latency >"$tmp/wrk.out" 2>&1
     # Redis commands per request (scripts' own calls included), into $tmp/redis.NAME.
     redis-cli -s "$tmp/redis.sock" INFO commandstats >"$tmp/redis.$name"
     local cpu="$(($(cpu_ns "$server") - s0)) $(($(cpu_ns "$redis_pid") - r0)) $(($(cpu_ns "$up_worker") - u0))"
     local split="$us0 $(user_sys "$server")"
+    echo "$st0 $(steal_ticks)" | awk '{if ($4 > $2) printf "%.1f\n", 100 * ($3 - $1) / ($4 - $2)}' >>"$tmp/steal"
     # BENCH_CTX=1: context switches per request of the server measured and of the upstream.
     if [[ -n "${BENCH_CTX:-}" ]]; then
-        local n x="$(($(ctx_sw "$server") - x0)) $(($(ctx_sw "$up_worker") - xu0))"
+        local n x="$(($(ctx_sw "$server") - x0)) $(($(ctx_sw "$up_worker") - xu0)) $(($(faults "$server") - f0))"
         n=$(awk '/requests in/ {print $1}' "$tmp/wrk.out")
-        awk -v n="$n" -v name="$name" -v x="$x" 'BEGIN {split(x, a, " "); printf "  ctx %s: server %.3f, upstream %.3f context switches per request\n", name, a[1] / n, a[2] / n}' >&2
+        awk -v n="$n" -v name="$name" -v x="$x" 'BEGIN {split(x, a, " "); printf "  ctx %s: server %.3f, upstream %.3f context switches per request; server %.4f page faults per request\n", name, a[1] / n, a[2] / n, a[3] / n}' >&2
     fi
     python3 -c '
 import re, sys
@@ -414,6 +432,7 @@ rss_after=$(rss "$proxy_pid")
 # kernel_share).
 [[ -z "${BENCH_RESULTS:-}" ]] || cp "$results" "$BENCH_RESULTS"
 echo "  load after: $(uptime)" >&2
+sort -n "$tmp/steal" | awk '{v[NR] = $1} END {if (NR) printf "  steal on the servers'"'"' CPU (cpu%s) per run: median %.1f %%, max %.1f %% (time the hypervisor ran something else: ratios of a run with much of it are suspect)\n", c, v[int((NR + 1) / 2)], v[NR]}' c="${steal_cpu:-}" >&2
 # The token cache of the measured proxy over the whole run: a bypass is a lookup made while the
 # invalidation channel was not proven live (heartbeat older than cache.liveness_timeout).
 echo "  token cache lookups: $(curl -fs "http://127.0.0.1:$admin_port/metrics" |
