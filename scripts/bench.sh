@@ -6,9 +6,11 @@
 # BENCH_QUICK=1 (throughput only: no latency or default-limits runs), BENCH_REDIS=1 (Redis
 # commands per request of every run, from INFO commandstats), BENCH_PROFILE /
 # BENCH_STRACE (directories: perf and strace of each proxy case, and of nginx), BENCH_CTX=1
-# (context switches per request of the server measured and of the upstream nginx), BENCH_FLOOR=1
-# (also examples/hyper_floor.rs, a bare hyper proxy with none of the proxy's work: what any
-# proxy on hyper and tokio can reach here).
+# (context switches per request of the server measured and of the upstream nginx, page faults
+# of the server), BENCH_FLOOR=1 (also examples/hyper_floor.rs, a bare hyper proxy with none of
+# the proxy's work: what any proxy on hyper and tokio can reach here), BENCH_TOKEN_PREFIX
+# (bench-common.sh: the upstream's token shape), BENCH_FLOOD=N (after the runs, N new sessions
+# each use their token twice: RSS and cache gauges at the cache bound and beyond it).
 #
 # Installs wrk and nginx with apt when missing, builds the release proxy, then starts its own
 #   - redis-server on a unix socket (never the machine's 6379),
@@ -428,6 +430,66 @@ run defaults_refresh -c"$conns" -d"${secs}s" -s "$tmp/refresh.lua" "$dfl/refresh
 run defaults_login -c"$conns" -d"${secs}s" -s "$tmp/login.lua" "$dfl/login"
 fi
 rss_after=$(rss "$proxy_pid")
+
+# BENCH_FLOOD=N (e.g. 200000: the default cache bound of 100k entries, then 100k sessions
+# beyond it): after the runs, N new sessions each log in on the measured proxy and use their
+# access token twice (the first use is looked up in Redis and cached, the second is a hit), in
+# two halves; RSS and the cache's gauges after each half show whether memory stays flat once the
+# cache is at its bound (issue 11). Redis grows by ~1.5 KB per session (session and user index).
+flood_report=""
+if [[ -n "${BENCH_FLOOD:-}" ]]; then
+    cat >"$tmp/flood.lua" <<LUA
+local target = tonumber(os.getenv("FLOOD_N"))
+local login = wrk.format("POST", "/_matrix/client/v3/login",
+    { ["Content-Type"] = "application/json" }, '$login_body')
+local queue, head, tail, made, last, finished = {}, 1, 0, 0, nil, false
+request = function()
+    if head <= tail then
+        local t = queue[head]
+        queue[head] = nil
+        head = head + 1
+        return wrk.format("GET", "/_matrix/client/v3/account/whoami", { Authorization = "Bearer " .. t })
+    end
+    if made < target then
+        return login
+    end
+    -- Every session made: hits on the last token until the in-flight answers are in.
+    return wrk.format("GET", "/_matrix/client/v3/account/whoami", { Authorization = "Bearer " .. last })
+end
+response = function(status, headers, body)
+    local t = string.match(body, '"access_token":"([^"]+)"')
+    if t then
+        made = made + 1
+        last = t
+        -- Each token used twice: two entries in the queue.
+        queue[tail + 1] = t
+        queue[tail + 2] = t
+        tail = tail + 2
+    elseif made >= target and head > tail and not finished then
+        -- wrk's main thread sleeps out -d whatever its threads do: tell the script instead,
+        -- which stops wrk with SIGINT (it then prints its summary).
+        finished = true
+        local f = io.open(os.getenv("FLOOD_DONE"), "w")
+        f:write(made)
+        f:close()
+    end
+end
+LUA
+    gauge() { curl -fs "http://127.0.0.1:$admin_port/metrics" | awk -v m="$1" '$1 == m {printf "%d", $2}'; }
+    half=$((BENCH_FLOOD / 2))
+    flood_report="cache flood (BENCH_FLOOD=$BENCH_FLOOD, each session logged in and its token used twice):"
+    for step in 1 2; do
+        rm -f "$tmp/flood.done"
+        FLOOD_N=$half FLOOD_DONE="$tmp/flood.done" $load wrk -t1 -c"$conns" -d3600s -s "$tmp/flood.lua" \
+            "http://127.0.0.1:$proxy_port" >"$tmp/flood.$step" 2>&1 &
+        flood_pid=$!
+        while [[ ! -e "$tmp/flood.done" ]] && kill -0 "$flood_pid" 2>/dev/null; do sleep 0.5; done
+        kill -INT "$flood_pid" 2>/dev/null || true
+        wait "$flood_pid" || true
+        grep -q "Non-2xx\|Socket errors" "$tmp/flood.$step" && cat "$tmp/flood.$step" >&2
+        flood_report+=$'\n'"  after $((half * step)) sessions: RSS $(rss "$proxy_pid"), cache $(gauge mrp_token_cache_entries) entries, $(gauge mrp_token_cache_bytes) bytes; Redis $(redis-cli -s "$tmp/redis.sock" INFO memory | awk -F: '/^used_memory_human/ {sub(/\r/, "", $2); print $2}')"
+    done
+fi
 # BENCH_RESULTS=FILE: keep the raw rows (case rps p50 p99 non2xx server_us redis_us upstream_us
 # kernel_share).
 [[ -z "${BENCH_RESULTS:-}" ]] || cp "$results" "$BENCH_RESULTS"
@@ -438,7 +500,7 @@ sort -n "$tmp/steal" | awk '{v[NR] = $1} END {if (NR) printf "  steal on the ser
 echo "  token cache lookups: $(curl -fs "http://127.0.0.1:$admin_port/metrics" |
     awk '/^mrp_token_cache_lookups_total/ {sub(/.*result="/, ""); sub(/"}/, ""); printf "%s ", $0}')" >&2
 
-python3 - "$results" "$rss_idle" "$rss_after" "$(nginx -v 2>&1 | sed 's/.*\///')" <<'PY'
+python3 - "$results" "$rss_idle" "$rss_after" "$(nginx -v 2>&1 | sed 's/.*\///')" "$flood_report" <<'PY'
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
@@ -475,4 +537,6 @@ for name in [n for n in ["defaults_refresh", "defaults_login"] if n in rows]:
     print(f"  {name[9:]:40} {r[0]:7.0f} req/s, {r[3]} non-2xx (429 M_LIMIT_EXCEEDED)")
 print()
 print(f"proxy RSS: idle {sys.argv[2]}, after the runs {sys.argv[3]} (nginx {sys.argv[4]})")
+if sys.argv[5]:
+    print(sys.argv[5])
 PY

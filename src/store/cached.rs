@@ -117,6 +117,16 @@ struct Weigh {
     min: u64,
 }
 
+impl Weigh {
+    /// Rounded up: rounded down, the defaults (48 MiB, 100k entries) gave 503 bytes and room for
+    /// 100,062 entries, and `bench.sh`'s flood counted 100,060 (issue 11).
+    fn new(config: &CacheConfig) -> Self {
+        Weigh {
+            min: config.max_bytes.div_ceil(config.max_entries.max(1)).max(1),
+        }
+    }
+}
+
 impl quick_cache::Weighter<SessionId, Arc<Entry>> for Weigh {
     fn weight(&self, _: &SessionId, e: &Arc<Entry>) -> u64 {
         e.bytes.max(self.min)
@@ -186,11 +196,10 @@ impl std::fmt::Debug for TokenCache {
 impl TokenCache {
     /// An empty cache, off-line until its first heartbeat is heard.
     pub fn new(config: &CacheConfig, metrics: CacheMetrics) -> Self {
-        let min = (config.max_bytes / config.max_entries).max(1);
         let map = quick_cache::sync::Cache::with_weighter(
             config.max_entries.min(1 << 20) as usize,
             config.max_bytes,
-            Weigh { min },
+            Weigh::new(config),
         );
         metrics.enabled.set(0);
         TokenCache {
@@ -747,6 +756,27 @@ mod tests {
         assert!((600..1000).contains(&per_entry), "{per_entry}");
         c.flush(CacheFlush::Disconnect);
         assert_eq!(c.bytes(), 0);
+    }
+
+    /// The least weight of an entry leaves room for no more than `max_entries` entries, also
+    /// when `max_bytes` is not a multiple of it (the defaults are not).
+    #[test]
+    fn least_weight_keeps_the_entry_bound() {
+        let d = CacheConfig::default();
+        for (entries, bytes) in [
+            (d.max_entries, d.max_bytes),
+            (1_000, 500_999),
+            (3, 10),
+            (100_000, 1),
+            (7, 7),
+        ] {
+            let min = Weigh::new(&config(entries, bytes)).min;
+            assert!(
+                bytes / min <= entries,
+                "{entries} entries, {bytes} bytes: least {min}"
+            );
+        }
+        assert_eq!(Weigh::new(&config(d.max_entries, d.max_bytes)).min, 504);
     }
 
     /// The bytes counted per entry cover quick_cache's own structures (what `memory_used`
