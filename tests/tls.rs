@@ -327,6 +327,53 @@ async fn a_handshake_that_never_completes_is_cut_and_frees_its_slot() {
     wait_for_log(&h.proxy, "TLS handshake timed out", 1).await;
 }
 
+/// An idle keep-alive connection is closed as TLS asks (RFC 8446 "Closure Alerts": each party
+/// sends `close_notify` before closing its write side): the client reads a clean end of stream,
+/// not a truncation (OpenSSL 3 clients report one as "unexpected eof while reading").
+#[tokio::test]
+async fn an_idle_tls_connection_is_closed_with_close_notify() {
+    use tokio::io::AsyncWriteExt;
+    let ca = TestCa::new("client-side CA");
+    let dir = tempfile::tempdir().unwrap();
+    let h = tls_harness(
+        dir.path(),
+        &ca.leaf("proxy", 1),
+        "http:\n  idle_timeout: \"1s\"\n",
+    )
+    .await;
+    let mut stream = connect(h.proxy.addr, &ca, &[b"http/1.1"]).await;
+    stream
+        .write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    // The answer, then the connection left idle until the proxy closes it.
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("the idle connection was closed");
+        match read {
+            Ok(0) => break Ok(()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the idle timeout: {:?}",
+        started.elapsed()
+    );
+    // rustls reports a stream that ends without close_notify as UnexpectedEof.
+    end.expect("a clean TLS end of stream (close_notify), not a truncation");
+}
+
 /// A harness in front of an HTTPS fake homeserver (certificate from `hs_ca`).
 async fn https_upstream(hs_ca: &TestCa, upstream_extra: String) -> Harness {
     let redis = RedisServer::start();

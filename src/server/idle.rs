@@ -52,8 +52,11 @@ impl Activity {
     }
 
     /// Closes the connection: its next read is end-of-file (an idle HTTP/1 connection ends as if
-    /// the client had closed it; under TLS, as a truncated stream), its next write fails, and a
-    /// read or write waiting for the socket is woken to see it.
+    /// the client had closed it; under TLS the server side sees a truncated stream, and hyper's
+    /// shutdown still sends the client `close_notify`: `tests/tls.rs`
+    /// `an_idle_tls_connection_is_closed_with_close_notify`), a write that would wait for the
+    /// socket fails (so a client that stopped reading cannot hold the shutdown), and a read or
+    /// write waiting for the socket is woken to see it.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
         self.reader.wake();
