@@ -4,7 +4,9 @@
 # of a refresh's, and its wall-clock share drifts with the VM). For A/B of Lua changes.
 #   scripts/redis-instructions.sh [BINARY ...]   (default: the release build of this checkout)
 # Environment: RI_CASES (default "login refresh"), RI_LOGINS (logins measured, default 300),
-# RI_SESSIONS and RI_REFRESHES (sessions, and refreshes of each, default 4 x 150).
+# RI_SESSIONS and RI_REFRESHES (sessions, and refreshes of each, default 4 x 150), RI_KEEP=DIR
+# (each run's callgrind file, for `callgrind_annotate`), RI_REDIS (the redis-server binary,
+# default the one on PATH: a build with symbols names Lua's and Redis' static functions).
 #
 # Each case starts its own redis-server under callgrind (unix socket), a fixed-answer nginx and
 # the proxy (rate limits off), then drives one keep-alive connection in a fixed order (logins;
@@ -62,7 +64,7 @@ PY
 measure() {
     local bin=$1 case=$2 dir
     dir=$(mktemp -d -p "$tmp")
-    $serve valgrind --tool=callgrind --callgrind-out-file="$dir/redis.cg" redis-server --port 0 \
+    $serve valgrind --tool=callgrind --callgrind-out-file="$dir/redis.cg" "${RI_REDIS:-redis-server}" --port 0 \
         --unixsocket "$dir/redis.sock" --save "" --appendonly no >/dev/null 2>"$dir/vg" &
     local rpid=$!
     pids+=($rpid)
@@ -100,9 +102,13 @@ YAML
     callgrind_control -d "$rpid" >/dev/null 2>&1
     kill "$ppid" "$rpid" 2>/dev/null || true
     wait "$rpid" 2>/dev/null || true
+    if [[ -n "${RI_KEEP:-}" ]]; then
+        mkdir -p "$RI_KEEP"
+        cp "$dir"/redis.cg.* "$RI_KEEP/$(basename "$bin")-$case.cg"
+    fi
     local total
     total=$(callgrind_annotate --inclusive=yes --threshold=100 "$dir"/redis.cg.* 2>/dev/null |
-        awk '$NF ~ /redis/ && $(NF-1) == "???:call" {gsub(",", "", $1); print $1; exit}')
+        awk '$NF ~ /redis/ && $(NF-1) ~ /:call$/ {gsub(",", "", $1); print $1; exit}')
     echo "$n $total"
 }
 
