@@ -141,6 +141,29 @@ async fn grace_replay_returns_identical_pair_until_successor_used() {
     assert_unknown_token(&h.refresh(&old_rt).await, false);
 }
 
+/// Concurrent refreshes with one refresh token: each peeks a live token, one rotation wins and
+/// every other finds the token rotated inside `rotate.lua` (its lost-race branch, which reads the
+/// successor then), so all get the winner's pair (DESIGN.md §2 "/refresh": idempotent).
+#[tokio::test]
+async fn concurrent_refreshes_of_one_token_all_get_the_same_pair() {
+    let h = Harness::start().await;
+    for round in 0..5 {
+        let v = h.login("alice").await;
+        let old_rt = rt(&v);
+        let answers = futures_util::future::join_all((0..12).map(|_| h.refresh(&old_rt))).await;
+        let first = answers[0].json();
+        for r in &answers {
+            assert_eq!(r.status, 200, "round {round}");
+            let j = r.json();
+            assert_eq!(at(&j), at(&first), "round {round}");
+            assert_eq!(rt(&j), rt(&first), "round {round}");
+        }
+        // The winner's pair works.
+        assert_eq!(h.whoami(&at(&first)).await.status, 200);
+        assert_eq!(h.refresh(&rt(&first)).await.status, 200);
+    }
+}
+
 #[tokio::test]
 async fn using_the_new_refresh_token_ends_the_old_ones_grace() {
     let h = Harness::with(

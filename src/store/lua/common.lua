@@ -1,4 +1,7 @@
--- Shared helpers, prepended to every script (Redis Lua has no imports).
+-- Shared helpers, prepended to every script (Redis Lua has no imports), after the constants
+-- RETENTION_MS, SUPERSEDED_RETENTION_MS and IDLE_CAP_MS (src/store/redis.rs `script`, from
+-- src/session/mod.rs: Lua numbers parsed once when the script is loaded, where as ARGV each call
+-- paid a `tonumber`).
 -- All keys a script touches share one hash tag (the session's, or the user's for the user
 -- index), so they live in one cluster slot.
 
@@ -37,9 +40,9 @@ end
 -- (0 = no end), from the lifetimes in ms (`refresh_ms` 0 = no idle limit): access expiry, refresh
 -- idle expiry (0 = none) and the TTL of its records. Spec "Refreshing access tokens": access
 -- tokens expire; a pair never outlives the session's absolute end. Records are kept until the
--- refresh token could no longer be used (or `cap_ms` idle when it never expires), plus
--- `retention_ms`, so that late callers learn "expired" (soft logout, 403) rather than "unknown".
-local function pair_times(now, ends, access_ms, refresh_ms, cap_ms, retention_ms)
+-- refresh token could no longer be used (or IDLE_CAP_MS idle when it never expires), plus
+-- RETENTION_MS, so that late callers learn "expired" (soft logout, 403) rather than "unknown".
+local function pair_times(now, ends, access_ms, refresh_ms)
   ends = tonumber(ends)
   local aexp = now + tonumber(access_ms)
   if ends > 0 and aexp > ends then
@@ -55,9 +58,9 @@ local function pair_times(now, ends, access_ms, refresh_ms, cap_ms, retention_ms
   end
   local live_until = rexp
   if live_until <= 0 then
-    live_until = now + tonumber(cap_ms)
+    live_until = now + IDLE_CAP_MS
   end
-  local ttl = math.max(math.max(live_until, aexp) - now, 0) + tonumber(retention_ms)
+  local ttl = math.max(math.max(live_until, aexp) - now, 0) + RETENTION_MS
   return aexp, rexp, ttl
 end
 
@@ -135,21 +138,20 @@ end
 -- the old access token may be revoked right away but need not be). Its id goes into the capped
 -- set of used refresh tokens for reuse detection, and the access token issued with it is
 -- superseded: a marker in the capped set `x` (id -> its expiry) answers soft logout for it until
--- its expiry plus `retention`, and only the newest of them keeps its full record (so it still works until its own expiry, and
+-- its expiry plus SUPERSEDED_RETENTION_MS, and only the newest of them keeps its full record (so it still works until its own expiry, and
 -- can still log out once expired).
 -- The index `k` follows every deletion and TTL change, so it names only live keys.
 -- `known`: the session's fields `sa`, `sx` (text or number), `ux` and `n` when the caller read
 -- them, else nil. `now_text`: `int(now)` when the caller has it, else nil.
 -- Returns the fields of the session hash to write (field, value, ...; the caller writes them
 -- with its own HSET): `n`, `sa`, and `ux` once the two sets have their TTL.
-local function consume_refresh(prefix, rtid, now, used_key, session_key, retention, known, now_text)
+local function consume_refresh(prefix, rtid, now, used_key, session_key, known, now_text)
   local rkey = prefix .. 'r:' .. rtid
   local r = redis.call('HMGET', rkey, 'st', 'at', 'aexp')
   if r[1] ~= 'rotated' then
     return {}
   end
   local marker_key = prefix .. 'x'
-  retention = tonumber(retention)
   local s = known or redis.call('HMGET', session_key, 'sa', 'sx', 'ux', 'n')
   -- `ux`: the sets `used` and `x` exist and have a TTL (set once here, when they are made;
   -- `extend_session` extends them with the session's other fixed keys).
@@ -186,7 +188,7 @@ local function consume_refresh(prefix, rtid, now, used_key, session_key, retenti
     local aexp = tonumber(aexp_text)
     if aexp then
       -- Kept until its expiry + retention (it still works until its expiry), never longer.
-      local ttl = math.max(aexp - now, 0) + retention
+      local ttl = math.max(aexp - now, 0) + SUPERSEDED_RETENTION_MS
       redis.call('PEXPIRE', akey, int(ttl))
       -- Markers answer soft logout until their score (the token's expiry) + retention; the
       -- lookup compares, and the set is capped, so expired ones need no removal here.

@@ -1,7 +1,7 @@
 -- Looks up an access token and decides, on the Redis clock, whether it is valid. Its first use
 -- while valid ends its predecessor refresh token's grace (spec "Refreshing access tokens").
 -- KEYS: 1 access record, 2 session, 3 used-refresh set
--- ARGV: 1 clock offset ms, 2 session key prefix, 3 superseded access retention ms, 4 access id
+-- ARGV: 1 clock offset ms, 2 session key prefix, 3 access id
 -- Returns {'unknown'} | {'revoked'} | {'superseded', now}
 --       | {'valid' or 'expired', sealed, expiry, user, device, now}
 -- (`now` and `expiry`: ms on the Redis clock, offset included, as text; a caller caching the
@@ -11,8 +11,8 @@ local a = redis.call('HMGET', KEYS[1], 'ut', 'exp', 'used', 'prev', 'seen')
 if not a[1] then
   -- A superseded token whose full record is gone: only its marker (scored by the token's
   -- expiry) is left, and answers soft logout until expiry + retention (spec "Soft logout").
-  local exp = redis.call('ZSCORE', ARGV[2] .. 'x', short_id(ARGV[4]))
-  if exp and now < tonumber(exp) + tonumber(ARGV[3]) then
+  local exp = redis.call('ZSCORE', ARGV[2] .. 'x', short_id(ARGV[3]))
+  if exp and now < tonumber(exp) + SUPERSEDED_RETENTION_MS then
     if redis.call('EXISTS', KEYS[2]) == 1 then
       return {'superseded', int(now)}
     end
@@ -39,7 +39,7 @@ else
   if a[3] == '0' then
     redis.call('HSET', KEYS[1], 'used', '1')
     if a[4] and a[4] ~= '' then
-      local fields = consume_refresh(ARGV[2], a[4], now, KEYS[3], KEYS[2], ARGV[3], nil)
+      local fields = consume_refresh(ARGV[2], a[4], now, KEYS[3], KEYS[2], nil)
       if #fields > 0 then
         redis.call('HSET', KEYS[2], unpack(fields))
       end
