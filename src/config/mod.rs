@@ -136,7 +136,8 @@ pub struct HttpConfig {
     /// Time a request body may stall (no byte arriving); a JSON body the proxy reads itself
     /// must also arrive whole within it. Past it: 408 and the connection is closed.
     pub body_read_timeout: Duration,
-    /// Most connections open at once from one client IP (the TCP peer); `None` = no cap.
+    /// Most connections open at once from one client IP (the TCP peer; IPv6 by its /64); `None`
+    /// = no cap.
     pub max_connections_per_ip: Option<usize>,
 }
 

@@ -101,8 +101,11 @@ fn check_interval(timeout: Duration) -> Duration {
     (timeout / CHECKS).max(Duration::from_millis(100))
 }
 
-/// Open connections per client IP, for `http.max_connections_per_ip`. An IP's entry goes when
-/// its last connection closes, so the map never holds more entries than open connections.
+/// Open connections per client IP, for `http.max_connections_per_ip`, keyed as the rate limits
+/// key a client ([`crate::ratelimit::ip_key`]: IPv6 by its /64, the smallest block a host is
+/// given, so one host cannot take every slot from many addresses of its prefix). An IP's entry
+/// goes when its last connection closes, so the map never holds more entries than open
+/// connections.
 pub struct PerIp {
     cap: usize,
     open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
@@ -120,6 +123,7 @@ impl PerIp {
 
     /// A slot for one more connection from `ip`, or `None` when it holds `cap` already.
     pub fn acquire(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let ip = crate::ratelimit::ip_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let n = open.entry(ip).or_insert(0);
         if *n >= self.cap {
@@ -302,11 +306,18 @@ mod tests {
         let other = p.acquire("::1".parse().unwrap()).unwrap();
         drop(a);
         let c = p.acquire(ip).unwrap();
-        drop((b, c, other));
+        // IPv6 by its /64: two addresses of one prefix share its slots, another prefix has its own.
+        let v6 = p.acquire("2001:db8:0:1::1".parse().unwrap()).unwrap();
+        let v6b = p.acquire("2001:db8:0:1:ffff::2".parse().unwrap()).unwrap();
+        assert!(p.acquire("2001:db8:0:1::3".parse().unwrap()).is_none());
+        let v6c = p.acquire("2001:db8:0:2::1".parse().unwrap()).unwrap();
+        // IPv4-mapped IPv6 counts as its IPv4 address.
+        assert!(p.acquire("::ffff:127.0.0.1".parse().unwrap()).is_none());
+        drop((b, c, other, v6, v6b, v6c));
         assert!(p.open.lock().unwrap().is_empty());
         let m = metrics.encode();
         assert!(
-            m.contains("mrp_connections_rejected_total{reason=\"per_ip\"} 1"),
+            m.contains("mrp_connections_rejected_total{reason=\"per_ip\"} 3"),
             "{m}"
         );
         assert!(m.contains("mrp_connection_tracked_ips 0"), "{m}");
