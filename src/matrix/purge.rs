@@ -140,9 +140,17 @@ pub fn plan(route: &Route, who: Requester<'_>, body: Option<&[u8]>) -> Purge {
             Purge::Devices(devices)
         }
         Route::ChangePassword if user => {
+            // A body the proxy cannot read (serde_json refuses some JSON a homeserver takes:
+            // a lone surrogate escape, a number past f64, nesting past 128) says nothing about
+            // `logout_devices`: nothing is purged here, and sessions the homeserver logged out
+            // go on their first use (its 401 for their upstream token).
+            let Some(mut obj) = object(body) else {
+                return Purge::None;
+            };
             // Spec "Password management": logout_devices defaults to true; the requester's own
             // session SHOULD NOT be revoked.
-            let logout = member(body, "logout_devices")
+            let logout = obj
+                .remove("logout_devices")
                 .as_ref()
                 .and_then(Value::as_bool)
                 .unwrap_or(true);
@@ -156,12 +164,18 @@ pub fn plan(route: &Route, who: Requester<'_>, body: Option<&[u8]>) -> Purge {
     }
 }
 
+/// A JSON object body (none when the body is absent, not JSON serde_json reads, or not an
+/// object).
+fn object(body: Option<&[u8]>) -> Option<serde_json::Map<String, Value>> {
+    match serde_json::from_slice(body?).ok()? {
+        Value::Object(obj) => Some(obj),
+        _ => None,
+    }
+}
+
 /// A member of a JSON object body (none when the body is absent or not such an object).
 fn member(body: Option<&[u8]>, key: &str) -> Option<Value> {
-    let Value::Object(mut obj) = serde_json::from_slice(body?).ok()? else {
-        return None;
-    };
-    obj.remove(key)
+    object(body)?.remove(key)
 }
 
 /// A homeserver's 401 body: `M_UNKNOWN_TOKEN` without `soft_logout: true` means the upstream
@@ -238,6 +252,21 @@ mod tests {
             plan(&Route::ChangePassword, NOBODY, Some(b"{}")),
             Purge::None
         );
+        // A body serde_json cannot read (a homeserver may take it) purges nothing here: the
+        // sessions a homeserver logged out go on their upstream token's first 401.
+        for body in [
+            &b"nope"[..],
+            b"[]",
+            br#"{"new_password":"p","x":"\udc00"}"#,
+            br#"{"new_password":"p","x":1e400}"#,
+        ] {
+            assert_eq!(
+                plan(&Route::ChangePassword, ALICE, Some(body)),
+                Purge::None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
         for r in [
             Route::Login,
             Route::Register,
