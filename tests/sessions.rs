@@ -128,6 +128,34 @@ async fn logout_all_with_a_homeserver_token_purges_the_users_proxy_sessions() {
     dead(&h, &a1).await;
 }
 
+/// An application service acting for a user (`?user_id=`, spec "Identity assertion") ends that
+/// user's sessions, not its sender's: the proxy's whoami asks about the asserted user.
+#[tokio::test]
+async fn logout_all_by_an_appservice_for_a_user_purges_that_users_sessions() {
+    let h = Harness::start().await;
+    let a = h.login("alice").await;
+    let b = h.login("bob").await;
+    let r = h
+        .post(
+            &format!(
+                "/_matrix/client/v3/logout/all?user_id=%40alice%3A{}",
+                fake_hs::SERVER
+            ),
+            Some(fake_hs::AS_TOKEN),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    dead(&h, &a).await;
+    alive(&h, &b).await;
+    // The proxy's own whoami (before the logout) asked about alice.
+    let asked = h.hs.requests_to("/account/whoami");
+    assert_eq!(
+        asked[0].query.as_deref(),
+        Some("user_id=%40alice%3Afake.test")
+    );
+}
+
 #[tokio::test]
 async fn delete_device_with_uia_purges_that_device() {
     let h = Harness::start().await;

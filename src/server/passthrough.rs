@@ -40,10 +40,11 @@ pub async fn handle(
         // The futures of the rarer steps (whoami, reading a body, a 401, a purge) are boxed:
         // inline, their room would be moved with this future on every request.
         (None, Some(t)) if purge::needs_user(&route) => {
-            asked = Box::pin(
-                app.upstream
-                    .whoami(t, parts.headers.get(&crate::telemetry::request_id::HEADER)),
-            )
+            asked = Box::pin(app.upstream.whoami(
+                t,
+                query.as_deref(),
+                parts.headers.get(&crate::telemetry::request_id::HEADER),
+            ))
             .await?;
             asked
                 .as_ref()

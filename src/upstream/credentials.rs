@@ -157,6 +157,18 @@ pub fn rewrite_query(query: &str, f: impl Fn(&str) -> Option<String>) -> String 
         .join("&")
 }
 
+/// An application service's identity assertion in a query (spec "Application Service API",
+/// "Identity assertion": `user_id`), exactly as spelled: the homeserver acts for that user, so
+/// the proxy's whoami for the same token must ask about the same user. `None` when absent.
+pub fn identity_assertion(query: Option<&str>) -> Option<&str> {
+    query?.split('&').find(|piece| {
+        let k = piece.split_once('=').map_or(*piece, |(k, _)| k);
+        url::form_urlencoded::parse(format!("{k}=").as_bytes())
+            .next()
+            .is_some_and(|(k, _)| k == "user_id")
+    })
+}
+
 /// Removes proxy tokens (any `mrpat_`/`mrprt_` value) from the header and the query. Used on
 /// /login and /register, where js-sdk sends its stale token and some homeservers reject any
 /// unknown token (DESIGN.md §2). Foreign tokens (appservice logins) stay.
@@ -186,6 +198,20 @@ pub fn strip_proxy_tokens(headers: &mut HeaderMap, query: Option<&str>) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Spec "Application Service API", "Identity assertion": the `user_id` parameter, as spelled.
+    #[test]
+    fn identity_assertion_is_the_user_id_parameter() {
+        let q = Some("access_token=as_tok&user_id=%40alice%3Ahs&ts=1");
+        assert_eq!(identity_assertion(q), Some("user_id=%40alice%3Ahs"));
+        assert_eq!(
+            identity_assertion(Some("user%5Fid=%40bob%3Ahs")),
+            Some("user%5Fid=%40bob%3Ahs")
+        );
+        assert_eq!(identity_assertion(Some("user_idx=1&xuser_id=2")), None);
+        assert_eq!(identity_assertion(Some("")), None);
+        assert_eq!(identity_assertion(None), None);
+    }
 
     fn h(values: &[&str]) -> HeaderMap {
         let mut m = HeaderMap::new();

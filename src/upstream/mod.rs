@@ -161,7 +161,7 @@ impl Upstream {
     /// client request's id, so the homeserver's logs tie the two together.
     async fn own_call(
         &self,
-        (method, path, body): (Method, &str, &'static [u8]),
+        (method, path, query, body): (Method, &str, Option<&str>, &'static [u8]),
         token: Option<&str>,
         request_id: Option<&HeaderValue>,
         call: UpstreamCall,
@@ -169,7 +169,7 @@ impl Upstream {
         let unreachable = |e: http::Error| UpstreamError::Unreachable(e.to_string());
         let mut req = Request::builder()
             .method(method)
-            .uri(self.uri(path, None).map_err(unreachable)?);
+            .uri(self.uri(path, query).map_err(unreachable)?);
         if !body.is_empty() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
@@ -187,13 +187,22 @@ impl Upstream {
         self.send(req, call).await.map(Some)
     }
 
-    /// `GET /account/whoami` with `token`: who owns a token the proxy did not issue.
+    /// `GET /account/whoami` with `token`: who owns a token the proxy did not issue. `query`:
+    /// the client request's, whose identity assertion (an application service's `user_id`) is
+    /// passed on, so the answer names the user the homeserver acted for.
     pub async fn whoami(
         &self,
         token: &str,
+        query: Option<&str>,
         request_id: Option<&HeaderValue>,
     ) -> Result<Option<(String, Option<String>)>, UpstreamError> {
-        let whoami = (Method::GET, "/_matrix/client/v3/account/whoami", &b""[..]);
+        let assertion = credentials::identity_assertion(query);
+        let whoami = (
+            Method::GET,
+            "/_matrix/client/v3/account/whoami",
+            assertion,
+            &b""[..],
+        );
         let Some(res) = self
             .own_call(whoami, Some(token), request_id, UpstreamCall::Whoami)
             .await?
@@ -240,7 +249,7 @@ impl Upstream {
         request_id: Option<&HeaderValue>,
         call: UpstreamCall,
     ) -> Result<Option<http::StatusCode>, UpstreamError> {
-        let logout = (Method::POST, "/_matrix/client/v3/logout", &b"{}"[..]);
+        let logout = (Method::POST, "/_matrix/client/v3/logout", None, &b"{}"[..]);
         let Some(res) = self.own_call(logout, Some(token), request_id, call).await? else {
             return Ok(None);
         };
@@ -252,7 +261,7 @@ impl Upstream {
     /// `GET /_matrix/client/versions` (no credential): the readiness check. Returns the status;
     /// the body is read (bounded) so the connection goes back to the pool.
     pub async fn versions(&self) -> Result<http::StatusCode, UpstreamError> {
-        let versions = (Method::GET, "/_matrix/client/versions", &b""[..]);
+        let versions = (Method::GET, "/_matrix/client/versions", None, &b""[..]);
         let call = UpstreamCall::Readiness;
         // Without a token there is no header that could be refused.
         let Some(res) = self.own_call(versions, None, None, call).await? else {

@@ -72,6 +72,11 @@ pub struct FakeHs {
 
 pub const SERVER: &str = "fake.test";
 
+/// An application service's token: it acts as the user named by `?user_id=` (spec
+/// "Application Service API", "Identity assertion"), else as its sender `@bridge`, with no
+/// device.
+pub const AS_TOKEN: &str = "as_token_fake";
+
 impl FakeHs {
     pub async fn start() -> Self {
         Self::start_at("127.0.0.1:0".parse().unwrap()).await
@@ -308,7 +313,20 @@ async fn serve(st: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full<B
         return json_response(200, json!({"next_batch": "s1", "rooms": {}}));
     }
     let mut s = st.lock().unwrap();
-    let who = token.as_ref().and_then(|t| s.tokens.get(t).cloned());
+    let who = token.as_ref().and_then(|t| {
+        if t == AS_TOKEN {
+            let asserted = rec.query.as_deref().and_then(|q| {
+                url::form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == "user_id")
+                    .map(|(_, v)| v.into_owned())
+            });
+            return Some((
+                asserted.unwrap_or_else(|| format!("@bridge:{SERVER}")),
+                String::new(),
+            ));
+        }
+        s.tokens.get(t).cloned()
+    });
 
     if path.ends_with("/login") && rec.method == Method::POST {
         let user = body["identifier"]["user"]
@@ -355,6 +373,9 @@ async fn serve(st: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full<B
         return unknown_token();
     };
     if path.ends_with("/account/whoami") {
+        if device.is_empty() {
+            return json_response(200, json!({"user_id": user}));
+        }
         return json_response(200, json!({"user_id": user, "device_id": device}));
     }
     if path.ends_with("/logout") && rec.method == Method::POST {
