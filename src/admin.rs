@@ -48,6 +48,10 @@ pub enum CheckFailure {
     TimedOut,
     #[error("/versions answered {0}")]
     Status(u16),
+    /// Every homeserver connection allowed (`upstream.max_connections`) is busy: this replica is
+    /// full, and not ready for more.
+    #[error("all homeserver connections busy")]
+    Saturated,
 }
 
 /// Result of one readiness check.
@@ -73,10 +77,15 @@ impl Probes for AppProbes {
     }
 
     async fn upstream(&self) -> Check {
+        // Asked at once: a check would otherwise wait for a connection like any request.
+        if self.0.upstream.saturated() {
+            return Err(CheckFailure::Saturated);
+        }
         match self.0.upstream.versions().await {
             Ok(StatusCode::OK) => Ok(()),
             Ok(status) => Err(CheckFailure::Status(status.as_u16())),
             Err(UpstreamError::Timeout) => Err(CheckFailure::TimedOut),
+            Err(UpstreamError::Saturated) => Err(CheckFailure::Saturated),
             Err(UpstreamError::Unreachable(why)) => {
                 tracing::debug!(error = %why, "readiness: homeserver check failed");
                 Err(CheckFailure::Unreachable)

@@ -286,3 +286,65 @@ async fn oversized_request_head_is_refused() {
     assert_eq!(r.status, 431);
     assert_eq!(h.get("/_matrix/client/versions", None).await.status, 200);
 }
+
+/// Homeserver connections are capped (`upstream.max_connections`): with the only one held by a
+/// long poll, another request waits `upstream.connect_timeout` (2 s in the harness), then gets
+/// 503 with `Retry-After`, counted as `saturated`; readiness says so; once the poll ends, the
+/// connection serves the next request.
+#[tokio::test]
+async fn homeserver_connections_are_capped_and_a_request_past_the_cap_gets_503() {
+    let h = Harness::with(
+        ProxyOptions {
+            upstream_extra: "  max_connections: 1\n".to_owned(),
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let s = h.login("alice").await;
+    let token = at(&s);
+    let poll = {
+        let (h, token) = (&h, token.clone());
+        async move {
+            h.get("/_matrix/client/v3/sync?timeout=4000", Some(&token))
+                .await
+        }
+    };
+    let waited = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let ready = h.admin_get("/health/ready").await;
+        let r = h.whoami(&token).await;
+        (r, started.elapsed(), ready)
+    };
+    let (poll, (r, took, ready)) = tokio::join!(poll, waited);
+    assert_eq!(poll.status, 200);
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.errcode(), "M_UNKNOWN");
+    assert!(r.headers.contains_key("retry-after"));
+    assert!(
+        took >= Duration::from_millis(1900),
+        "answered after {took:?}"
+    );
+    assert_eq!(ready.status, 503);
+    assert!(
+        String::from_utf8_lossy(&ready.body).contains("all homeserver connections busy"),
+        "{:?}",
+        ready.body
+    );
+    let m = h.metrics().await;
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("mrp_upstream_errors_total{") && l.contains("kind=\"saturated\"")
+        ),
+        "{m}"
+    );
+    assert!(m.contains("mrp_upstream_connections_open 1"), "{m}");
+    // The poll is over: its connection serves the next request.
+    assert_eq!(h.whoami(&token).await.status, 200);
+    assert!(
+        h.metrics()
+            .await
+            .contains("mrp_upstream_connections_open 1")
+    );
+}

@@ -73,6 +73,9 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     /// For an `https://` URL: the CA bundle (PEM) to trust instead of the system roots.
     pub ca_file: Option<PathBuf>,
+    /// Connections to the homeserver open at once, at most (busy and idle). With every one busy
+    /// a request waits up to `connect_timeout` for one, then gets 503.
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]

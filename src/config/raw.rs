@@ -73,6 +73,8 @@ struct RawEndpoint {
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
     ca_file: Option<String>,
+    /// `upstream:` only (`redis:` has its own struct and never sets it).
+    max_connections: Option<u64>,
 }
 
 /// `redis:`: the endpoint keys, or Sentinel / Cluster instead of `url`, and write durability.
@@ -318,11 +320,18 @@ impl RawEndpoint {
         }
         let https = url.scheme_str() == Some("https");
         let e = self.checks("upstream", https, "https", ("5s", "5m"))?;
+        let max_connections = bounded(
+            "upstream.max_connections",
+            self.max_connections.unwrap_or(16_384),
+            1..=1_000_000,
+            "must be between 1 and 1000000",
+        )?;
         Ok(UpstreamConfig {
             url,
             connect_timeout: e.connect_timeout,
             response_timeout: e.response_timeout,
             ca_file: e.ca_file,
+            max_connections,
         })
     }
 }
@@ -356,6 +365,7 @@ impl RawRedis {
             connect_timeout: self.connect_timeout,
             response_timeout: self.response_timeout,
             ca_file: self.ca_file,
+            max_connections: None,
         };
         let url = endpoint
             .url

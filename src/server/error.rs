@@ -58,6 +58,9 @@ pub enum ApiError {
     UpstreamUnreachable,
     #[error("Homeserver timed out")]
     UpstreamTimeout,
+    /// Every homeserver connection the proxy may open is busy (`upstream.max_connections`).
+    #[error("Too many requests to the homeserver in flight, try again")]
+    UpstreamSaturated,
     #[error("Homeserver sent an invalid response")]
     UpstreamInvalid,
     /// A proxy rate limit (spec "Rate limiting"): `retry_after_ms` in the body, `Retry-After`
@@ -78,6 +81,7 @@ impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> Self {
         match e {
             UpstreamError::Timeout => ApiError::UpstreamTimeout,
+            UpstreamError::Saturated => ApiError::UpstreamSaturated,
             UpstreamError::Unreachable(why) => {
                 tracing::warn!(error = %why, "homeserver unreachable");
                 ApiError::UpstreamUnreachable
@@ -131,6 +135,7 @@ impl ApiError {
             ApiError::RefreshStoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN"),
             ApiError::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
             ApiError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "M_UNKNOWN"),
+            ApiError::UpstreamSaturated => (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN"),
             ApiError::UpstreamInvalid => (StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
             ApiError::LimitExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"),
         }
@@ -139,9 +144,9 @@ impl ApiError {
     /// The `Retry-After` header, in seconds (exhaustive too: a new variant must decide).
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
-            ApiError::StoreUnavailable | ApiError::RefreshStoreUnavailable => {
-                Some(RETRY_AFTER_SECS)
-            }
+            ApiError::StoreUnavailable
+            | ApiError::RefreshStoreUnavailable
+            | ApiError::UpstreamSaturated => Some(RETRY_AFTER_SECS),
             ApiError::LimitExceeded { retry_after_ms } => Some(retry_after_ms.div_ceil(1000)),
             ApiError::NotJson
             | ApiError::BadJson(_)
@@ -271,6 +276,10 @@ mod tests {
         json_row(ApiError::UpstreamUnreachable, 502, "M_UNKNOWN").await;
         json_row(ApiError::UpstreamTimeout, 504, "M_UNKNOWN").await;
         json_row(ApiError::UpstreamInvalid, 502, "M_UNKNOWN").await;
+        // Every homeserver connection busy: retry shortly.
+        let (_, h, _) = body(ApiError::UpstreamSaturated).await;
+        assert_eq!(h[header::RETRY_AFTER], "2");
+        json_row(ApiError::UpstreamSaturated, 503, "M_UNKNOWN").await;
 
         // Rate limited: retry_after_ms in the body, Retry-After in seconds rounded up.
         for (ms, secs) in [(1, "1"), (1000, "1"), (1001, "2"), (20_500, "21")] {

@@ -27,6 +27,12 @@ use crate::upstream::{ClientConn, ClientScheme};
 /// Largest request head (request line and headers) the proxy accepts.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// Requests in flight at once on one HTTP/2 connection (nginx's default is 128; RFC 9113
+/// §6.5.2 recommends no fewer than 100). Each may hold a homeserver connection, so with
+/// `http.max_connections_per_ip` it bounds what one client can have in flight; the homeserver
+/// connections themselves are capped by `upstream.max_connections`.
+const MAX_STREAMS: u32 = 100;
+
 /// The connection builder: HTTP/1 and HTTP/2, each with a timer (without one hyper's
 /// header-read timeout is silently off; HTTP/1's is set per connection) and a bounded request
 /// head (431 beyond it).
@@ -46,7 +52,7 @@ fn builder(http: &HttpConfig) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(MAX_STREAMS);
     builder
 }
 

@@ -128,6 +128,8 @@ impl StoreOp {
 pub enum UpstreamFailure {
     Unreachable,
     Timeout,
+    /// `upstream.max_connections` all busy for the wait.
+    Saturated,
 }
 
 impl UpstreamFailure {
@@ -135,6 +137,7 @@ impl UpstreamFailure {
         match self {
             UpstreamFailure::Unreachable => "unreachable",
             UpstreamFailure::Timeout => "timeout",
+            UpstreamFailure::Saturated => "saturated",
         }
     }
 }
@@ -242,6 +245,8 @@ pub struct Metrics {
     recent_refreshes: RecentCounter,
     connections_rejected: Family<ReasonLabel, Counter>,
     connection_ips: Gauge,
+    /// Homeserver connections open (busy and idle), kept by the upstream pool.
+    pub upstream_connections: Gauge,
     /// The token cache's handles (`mrp_token_cache_*`), shared with the cache itself.
     pub cache: CacheMetrics,
     /// Pre-resolved handles of the per-request series (no label hashing or family lock on the
@@ -301,6 +306,7 @@ impl Metrics {
             recent_refreshes: RecentCounter::default(),
             connections_rejected: Family::default(),
             connection_ips: Gauge::default(),
+            upstream_connections: Gauge::default(),
             cache: CacheMetrics::default(),
             hot: HotHandles::default(),
         };
@@ -430,6 +436,11 @@ impl Metrics {
             "connection_tracked_ips",
             "Client IPs with open connections, tracked for http.max_connections_per_ip",
             self.connection_ips.clone(),
+        );
+        r.register(
+            "upstream_connections_open",
+            "Homeserver connections open, busy and idle (at most upstream.max_connections)",
+            self.upstream_connections.clone(),
         );
         self.cache.register(r);
         self

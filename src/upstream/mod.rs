@@ -33,6 +33,9 @@ pub enum UpstreamError {
     Unreachable(String),
     #[error("homeserver timed out")]
     Timeout,
+    /// Every homeserver connection allowed (`upstream.max_connections`) stayed busy.
+    #[error("homeserver connections all busy")]
+    Saturated,
 }
 
 /// A homeserver answer: its head, and a body that holds the connection until it ends.
@@ -66,7 +69,15 @@ impl Upstream {
         let host =
             HeaderValue::from_str(authority.as_str()).expect("an authority is a header value");
         Ok(Upstream {
-            pool: Pool::new(connector, origin),
+            pool: Pool::new(
+                connector,
+                origin,
+                pool::Limits {
+                    max_connections: cfg.max_connections,
+                    wait: cfg.connect_timeout,
+                    open: metrics.upstream_connections.clone(),
+                },
+            ),
             host,
             base_path: cfg.url.path().trim_end_matches('/').to_owned(),
             response_timeout: cfg.response_timeout,
@@ -109,6 +120,7 @@ impl Upstream {
                 error_chain(&*e)
             ))),
             Ok(Err(SendError::Request(e))) => Err(UpstreamError::Unreachable(error_chain(&e))),
+            Ok(Err(SendError::Saturated)) => Err(UpstreamError::Saturated),
             Ok(Ok(r)) => Ok(r),
         };
         match &result {
@@ -119,6 +131,9 @@ impl Upstream {
             Err(UpstreamError::Unreachable(_)) => self
                 .metrics
                 .upstream_failure(call, UpstreamFailure::Unreachable),
+            Err(UpstreamError::Saturated) => self
+                .metrics
+                .upstream_failure(call, UpstreamFailure::Saturated),
         }
         result
     }
@@ -185,6 +200,12 @@ impl Upstream {
             req.headers_mut().insert(request_id::HEADER, id.clone());
         }
         self.send(req, call).await.map(Some)
+    }
+
+    /// Every homeserver connection allowed (`upstream.max_connections`) is busy: a request now
+    /// would wait for one (readiness reports it at once instead).
+    pub fn saturated(&self) -> bool {
+        self.pool.saturated()
     }
 
     /// `GET /account/whoami` with `token`: who owns a token the proxy did not issue. `query`:

@@ -10,6 +10,11 @@
 //!
 //! What it keeps of the old client's behaviour: connections are reused until the homeserver
 //! closes them or they sit idle for [`IDLE_TIMEOUT`]; at most [`MAX_IDLE`] idle ones are kept;
+//! at most `upstream.max_connections` are open at once, busy or idle (each holds a permit until
+//! it closes; HTTP/2 clients can have many requests in flight per connection, so without it the
+//! homeserver connections, and file descriptors, grew with the requests in flight): with every
+//! one busy a request waits up to `upstream.connect_timeout` for one to come back or close,
+//! then fails ([`SendError::Saturated`], answered 503);
 //! a request that could not be written on a reused connection (the homeserver closed it in the
 //! meantime) is retried once on a new one; connects (TCP and TLS) are bounded by
 //! `upstream.connect_timeout` ([`super::connector`]). A request future dropped before its answer
@@ -17,6 +22,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -25,6 +31,7 @@ use bytes::Bytes;
 use http::{Request, Response, Uri};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 use super::connector::UpstreamConnector;
@@ -42,6 +49,16 @@ pub enum SendError {
     Connect(BoxError),
     /// The connection failed while the request was sent or its answer read.
     Request(hyper::Error),
+    /// Every connection allowed (`upstream.max_connections`) stayed busy for the wait.
+    Saturated,
+}
+
+/// The cap on open connections, how long a request waits at it, and the gauge of open ones.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub wait: Duration,
+    pub open: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// The pool: the connector and the idle connections, newest at the back.
@@ -51,6 +68,17 @@ pub struct Pool {
     idle: Mutex<Idle>,
     idle_timeout: Duration,
     max_idle: usize,
+    /// One permit per connection open (busy or idle), held by its connection task.
+    open: Arc<Semaphore>,
+    #[cfg(test)]
+    max_connections: usize,
+    /// Connections open, for `mrp_upstream_connections_open`.
+    open_gauge: prometheus_client::metrics::gauge::Gauge,
+    /// How long a request waits for a connection when `max_connections` are busy.
+    wait: Duration,
+    /// Requests waiting at the cap; only then does a checkin wake them (`returned`).
+    waiting: AtomicUsize,
+    returned: Notify,
 }
 
 #[derive(Default)]
@@ -62,8 +90,8 @@ struct Idle {
 
 impl Pool {
     /// `origin`: the homeserver's `scheme://authority`, the address every connection goes to.
-    pub fn new(connector: UpstreamConnector, origin: Uri) -> Arc<Self> {
-        Self::with_limits(connector, origin, IDLE_TIMEOUT, MAX_IDLE)
+    pub fn new(connector: UpstreamConnector, origin: Uri, limits: Limits) -> Arc<Self> {
+        Self::with_limits(connector, origin, IDLE_TIMEOUT, MAX_IDLE, limits)
     }
 
     fn with_limits(
@@ -71,6 +99,7 @@ impl Pool {
         origin: Uri,
         idle_timeout: Duration,
         max_idle: usize,
+        limits: Limits,
     ) -> Arc<Self> {
         Arc::new(Pool {
             connector,
@@ -78,7 +107,26 @@ impl Pool {
             idle: Mutex::default(),
             idle_timeout,
             max_idle,
+            open: Arc::new(Semaphore::new(limits.max_connections)),
+            #[cfg(test)]
+            max_connections: limits.max_connections,
+            open_gauge: limits.open,
+            wait: limits.wait,
+            waiting: AtomicUsize::new(0),
+            returned: Notify::new(),
         })
+    }
+
+    /// Whether a request now would have to wait: every connection allowed is open and none is
+    /// idle.
+    pub fn saturated(&self) -> bool {
+        self.open.available_permits() == 0 && self.lock().conns.is_empty()
+    }
+
+    /// Connections open now (busy and idle).
+    #[cfg(test)]
+    fn open_count(&self) -> usize {
+        self.max_connections - self.open.available_permits()
     }
 
     /// Idle connections held now.
@@ -104,7 +152,7 @@ impl Pool {
                 Some(tx) => (tx, true),
                 // Boxed: a connect (TCP, TLS, handshake) is rare and its future large (~2.5 KB);
                 // inline, every request's future would carry its room and be moved with it.
-                None => (Box::pin(self.connect()).await?, false),
+                None => Box::pin(self.connect_or_wait()).await?,
             };
             match tx.try_send_request(req).await {
                 Ok(res) => return Ok(self.track(res, tx)),
@@ -138,7 +186,43 @@ impl Pool {
         }
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<SendRequest<Body>, SendError> {
+    /// A new connection when the cap allows one; at the cap, the first connection that comes
+    /// back idle (reused: `true`) or a permit freed by one that closed, within `wait`.
+    async fn connect_or_wait(self: &Arc<Self>) -> Result<(SendRequest<Body>, bool), SendError> {
+        if let Ok(permit) = self.open.clone().try_acquire_owned() {
+            return Ok((self.connect(permit).await?, false));
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let waited = tokio::time::timeout(self.wait, async {
+            loop {
+                // Registered before looking, so a checkin in between still wakes this.
+                let returned = self.returned.notified();
+                tokio::pin!(returned);
+                returned.as_mut().enable();
+                if let Some(tx) = self.checkout().await {
+                    return Ok::<_, ()>((Some(tx), None));
+                }
+                tokio::select! {
+                    permit = self.open.clone().acquire_owned() => {
+                        return Ok((None, Some(permit.map_err(|_| ())?)));
+                    }
+                    () = &mut returned => {}
+                }
+            }
+        })
+        .await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        match waited {
+            Ok(Ok((Some(tx), _))) => Ok((tx, true)),
+            Ok(Ok((None, Some(permit)))) => Ok((self.connect(permit).await?, false)),
+            _ => Err(SendError::Saturated),
+        }
+    }
+
+    async fn connect(
+        self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<SendRequest<Body>, SendError> {
         let mut connector = self.connector.clone();
         let io = connector
             .call(self.origin.clone())
@@ -150,10 +234,15 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(SendError::Request)?;
+        let gauge = self.open_gauge.clone();
+        gauge.inc();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "homeserver connection ended with an error");
             }
+            // The connection is closed: another may open.
+            gauge.dec();
+            drop(permit);
         });
         self.ensure_janitor();
         Ok(tx)
@@ -181,11 +270,17 @@ impl Pool {
         if tx.is_closed() {
             return;
         }
-        let mut idle = self.lock();
-        if idle.conns.len() >= self.max_idle {
-            idle.conns.pop_front();
+        {
+            let mut idle = self.lock();
+            if idle.conns.len() >= self.max_idle {
+                idle.conns.pop_front();
+            }
+            idle.conns.push_back((tx, Instant::now()));
         }
-        idle.conns.push_back((tx, Instant::now()));
+        // Only at the cap is anyone waiting; otherwise a checkin costs one atomic load.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.returned.notify_waiters();
+        }
     }
 
     /// Closes idle connections past the timeout even when no request comes to find them, every
@@ -326,14 +421,29 @@ mod tests {
     }
 
     fn pool(origin: &Uri, idle_timeout: Duration, max_idle: usize) -> Arc<Pool> {
+        let limits = Limits {
+            max_connections: 16_384,
+            wait: Duration::from_secs(2),
+            open: Default::default(),
+        };
+        capped_pool(origin, idle_timeout, max_idle, limits)
+    }
+
+    fn capped_pool(
+        origin: &Uri,
+        idle_timeout: Duration,
+        max_idle: usize,
+        limits: Limits,
+    ) -> Arc<Pool> {
         let cfg = UpstreamConfig {
             url: origin.clone(),
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(5),
             ca_file: None,
+            max_connections: limits.max_connections,
         };
         let connector = super::super::connector::connector(&cfg).unwrap();
-        Pool::with_limits(connector, origin.clone(), idle_timeout, max_idle)
+        Pool::with_limits(connector, origin.clone(), idle_timeout, max_idle, limits)
     }
 
     fn get(origin: &Uri) -> Request<Body> {
@@ -493,6 +603,97 @@ mod tests {
         let res = p.send(req).await.unwrap();
         let got = res.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(got, SIZE.to_string().as_bytes());
+    }
+
+    /// At most `max_connections` are open: with all busy a request waits for one to come back
+    /// (and reuses it), or for one to close (and connects anew), and past the wait fails.
+    #[tokio::test]
+    async fn connections_are_capped_and_a_request_waits_for_one() {
+        let (l, origin) = listen().await;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        // Each answer waits for a permit of `gate`; a permit of `hang_up` closes a connection
+        // instead of answering.
+        let gate = Arc::new(Semaphore::new(0));
+        let hang_up = Arc::new(Semaphore::new(0));
+        let (count, g, h) = (accepted.clone(), gate.clone(), hang_up.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let (g, h) = (g.clone(), h.clone());
+                tokio::spawn(async move {
+                    let mut head = [0u8; 4096];
+                    loop {
+                        if s.read(&mut head).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        tokio::select! {
+                            biased;
+                            p = h.acquire() => { p.unwrap().forget(); return; }
+                            p = g.acquire() => p.unwrap().forget(),
+                        }
+                        if s.write_all(OK).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        let limits = Limits {
+            max_connections: 2,
+            wait: Duration::from_millis(300),
+            open: gauge.clone(),
+        };
+        let p = capped_pool(&origin, IDLE_TIMEOUT, MAX_IDLE, limits);
+        let spawn = |p: &Arc<Pool>| {
+            let (p, origin) = (p.clone(), origin.clone());
+            tokio::spawn(async move {
+                let res = p.send(get(&origin)).await?;
+                let _ = res.into_body().collect().await;
+                Ok::<_, SendError>(())
+            })
+        };
+        let first = spawn(&p);
+        let second = spawn(&p);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(p.open_count(), 2);
+        assert_eq!(gauge.get(), 2);
+        assert!(p.saturated());
+        // Both busy past the wait.
+        let started = Instant::now();
+        assert!(matches!(
+            p.send(get(&origin)).await,
+            Err(SendError::Saturated)
+        ));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // A waiting request takes the first connection that comes back (three answers: the
+        // two in flight and the third's, on a connection one of them gave back).
+        let third = spawn(&p);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.add_permits(3);
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+        third.await.unwrap().unwrap();
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the third reused a connection"
+        );
+        // Both busy again; a waiting request connects anew once one of them closes.
+        let (fourth, fifth) = (spawn(&p), spawn(&p));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sixth = spawn(&p);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        hang_up.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.add_permits(2);
+        let (a, b) = (fourth.await.unwrap(), fifth.await.unwrap());
+        assert!(a.is_err() != b.is_err(), "one of the two was hung up on");
+        sixth.await.unwrap().unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(p.open_count(), 2);
+        assert_eq!(gauge.get(), 2);
     }
 
     #[tokio::test]
