@@ -127,8 +127,9 @@ local USED = 64
 -- added, and at most TRIM - 1 more. Two commands fewer on most rotations (issue 11).
 local TRIM = 8
 
--- Ids are kept in the per-session sets truncated to 128 bits: collisions only matter within one
--- session, and a forged match gains nothing (a 401 either way).
+-- Ids (hex SHA-256) are kept in the per-session sets truncated to their first 22 hex digits,
+-- 88 bits: collisions only matter within one session (under 100 ids at once, so odds about
+-- 2^-76), and a forged match gains nothing (a 401 either way).
 local function short_id(id)
   return string.sub(id, 1, 22)
 end
