@@ -119,6 +119,11 @@ impl ProxyToken {
         s.starts_with(TokenKind::Access.prefix()) || s.starts_with(TokenKind::Refresh.prefix())
     }
 
+    /// Whether a proxy token's prefix appears anywhere in `s` (text that may hold a pasted token).
+    pub fn contains_proxy_prefix(s: &str) -> bool {
+        s.contains(TokenKind::Access.prefix()) || s.contains(TokenKind::Refresh.prefix())
+    }
+
     /// Parses `s`, checking prefix, length, alphabet and checksum; no I/O.
     pub fn parse(s: &str) -> Result<Self, TokenError> {
         let kind = if s.starts_with(TokenKind::Access.prefix()) {

@@ -38,14 +38,15 @@ impl RequestId {
     }
 
     /// Accepts a client-supplied id if it is 1–128 visible ASCII characters (no spaces or
-    /// control characters: no log injection) and does not look like a proxy token (a client
-    /// pasting one there must not get it logged).
+    /// control characters: no log injection) and holds nothing that looks like a proxy token,
+    /// anywhere in it (a client pasting one there, whole or after a prefix, must not get it
+    /// logged).
     pub fn parse(v: &HeaderValue) -> Option<Self> {
         let b = v.as_bytes();
         let sane =
             !b.is_empty() && b.len() <= MAX_LEN && b.iter().all(|c| (0x21..=0x7e).contains(c));
         let s = std::str::from_utf8(b).ok()?;
-        (sane && !ProxyToken::has_proxy_prefix(s)).then(|| RequestId(v.clone()))
+        (sane && !ProxyToken::contains_proxy_prefix(s)).then(|| RequestId(v.clone()))
     }
 
     /// The id of a request: its first `X-Request-Id` when sane, else a new one. The headers
@@ -112,6 +113,8 @@ mod tests {
             &[too_long.as_bytes()],
             &[b"mrpat_looks_like_a_token"],
             &[b"mrprt_looks_like_a_token"],
+            &[b"req-mrpat_looks_like_a_token"],
+            &[b"Bearer:mrprt_looks_like_a_token"],
         ];
         for values in cases {
             let mut h = with(values);
