@@ -348,3 +348,32 @@ async fn homeserver_connections_are_capped_and_a_request_past_the_cap_gets_503()
             .contains("mrp_upstream_connections_open 1")
     );
 }
+
+/// Requests in flight per client IP are capped over all its connections
+/// (`http.max_requests_per_ip`): with two long polls in flight, a third request is answered 429
+/// at once; when they end, requests pass again.
+#[tokio::test]
+async fn requests_in_flight_per_ip_are_capped() {
+    let h = Harness::with(opts("http:\n  max_requests_per_ip: 2\n"), false).await;
+    let s = h.login("alice").await;
+    let token = at(&s);
+    let poll = || h.get("/_matrix/client/v3/sync?timeout=2000", Some(&token));
+    let third = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = Instant::now();
+        let r = h.whoami(&token).await;
+        (r, started.elapsed())
+    };
+    let (a, b, (r, took)) = tokio::join!(poll(), poll(), third);
+    assert_eq!(a.status, 200);
+    assert_eq!(b.status, 200);
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(r.errcode(), "M_LIMIT_EXCEEDED");
+    assert_eq!(r.json()["retry_after_ms"], 1000);
+    assert!(
+        took < Duration::from_millis(1000),
+        "answered after {took:?}"
+    );
+    // Both polls are over: the next request passes.
+    assert_eq!(h.whoami(&token).await.status, 200);
+}

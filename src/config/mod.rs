@@ -142,6 +142,10 @@ pub struct HttpConfig {
     /// Most connections open at once from one client IP (the TCP peer; IPv6 by its /64); `None`
     /// = no cap.
     pub max_connections_per_ip: Option<usize>,
+    /// Most requests in flight at once from one client IP (counted as connections are), over
+    /// all its connections: HTTP/2 carries up to 100 per connection. Past it: 429. `None` = no
+    /// cap. Default: 4 × `max_connections_per_ip`, none when that is none.
+    pub max_requests_per_ip: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,6 +297,38 @@ mod tests {
         assert_eq!(c.tls, None);
         assert_eq!(c.upstream.ca_file, None);
         assert_eq!(c.redis.ca_file, None);
+    }
+
+    /// Connection and request caps: per-IP requests follow the per-IP connections unless set;
+    /// the homeserver connections have their own cap.
+    #[test]
+    fn caps() {
+        let c = parse("upstream: {url: 'http://hs'}").unwrap();
+        assert_eq!(c.http.max_connections_per_ip, Some(256));
+        assert_eq!(c.http.max_requests_per_ip, Some(1024));
+        assert_eq!(c.upstream.max_connections, 16_384);
+        let c = parse("upstream: {url: 'http://hs'}\nhttp: {max_connections_per_ip: 0}").unwrap();
+        assert_eq!(c.http.max_connections_per_ip, None);
+        assert_eq!(
+            c.http.max_requests_per_ip, None,
+            "off behind a reverse proxy"
+        );
+        let c = parse(
+            "upstream: {url: 'http://hs', max_connections: 64}\n\
+             http: {max_connections_per_ip: 10, max_requests_per_ip: 7}",
+        )
+        .unwrap();
+        assert_eq!(c.http.max_requests_per_ip, Some(7));
+        assert_eq!(c.upstream.max_connections, 64);
+        for off in ["0", "null"] {
+            let c = parse(&format!(
+                "upstream: {{url: 'http://hs'}}\nhttp: {{max_requests_per_ip: {off}}}"
+            ))
+            .unwrap();
+            assert_eq!(c.http.max_requests_per_ip, None);
+        }
+        assert!(parse("upstream: {url: 'http://hs', max_connections: 0}").is_err());
+        assert!(parse("redis: {max_connections: 5}\nupstream: {url: 'http://hs'}").is_err());
     }
 
     #[test]

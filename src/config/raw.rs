@@ -127,6 +127,8 @@ struct RawHttp {
     body_read_timeout: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
     max_connections_per_ip: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    max_requests_per_ip: Option<Option<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -508,8 +510,21 @@ impl RawHttp {
                 "must be between 0 (no cap) and 1000000",
             )?),
         };
+        // Default: four requests per connection the IP may open, and off when that cap is off
+        // (behind a reverse proxy every request comes from its address).
+        let max_requests_per_ip = match self.max_requests_per_ip {
+            None => max_connections_per_ip.map(|c| c.saturating_mul(4)),
+            Some(None) | Some(Some(0)) => None,
+            Some(Some(n)) => Some(bounded(
+                "http.max_requests_per_ip",
+                n,
+                1..=100_000_000,
+                "must be between 0 (no cap) and 100000000",
+            )?),
+        };
         Ok(HttpConfig {
             max_json_body,
+            max_requests_per_ip,
             header_read_timeout: duration(
                 "http.header_read_timeout",
                 self.header_read_timeout.as_deref(),

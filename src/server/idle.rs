@@ -106,16 +106,28 @@ fn check_interval(timeout: Duration) -> Duration {
 /// given, so one host cannot take every slot from many addresses of its prefix). An IP's entry
 /// goes when its last connection closes, so the map never holds more entries than open
 /// connections.
+///
+/// Each IP's entry also counts its requests in flight over all its connections, for
+/// `http.max_requests_per_ip` (HTTP/2 carries up to 100 per connection): an atomic shared by
+/// the IP's connections, so a request costs two atomic operations and no lock.
 pub struct PerIp {
+    /// Connections per IP (`usize::MAX`: not capped, only tracked for the request cap).
     cap: usize,
-    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Requests in flight per IP, `None`: not capped.
+    requests_cap: Option<usize>,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (usize, Arc<AtomicUsize>)>>,
     metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 impl PerIp {
-    pub fn new(cap: usize, metrics: Arc<crate::telemetry::metrics::Metrics>) -> Arc<Self> {
+    pub fn new(
+        cap: Option<usize>,
+        requests_cap: Option<usize>,
+        metrics: Arc<crate::telemetry::metrics::Metrics>,
+    ) -> Arc<Self> {
         Arc::new(PerIp {
-            cap,
+            cap: cap.unwrap_or(usize::MAX),
+            requests_cap,
             open: Default::default(),
             metrics,
         })
@@ -125,31 +137,71 @@ impl PerIp {
     pub fn acquire(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
         let ip = crate::ratelimit::ip_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(ip).or_insert(0);
+        let (n, requests) = open.entry(ip).or_default();
         if *n >= self.cap {
             drop(open);
             self.metrics.connection_rejected_per_ip();
             return None;
         }
         *n += 1;
+        let requests = IpRequests {
+            count: requests.clone(),
+            cap: self.requests_cap,
+        };
         self.metrics.set_connection_ips(open.len());
-        Some(IpSlot(self.clone(), ip))
+        Some(IpSlot(self.clone(), ip, requests))
     }
 }
 
 /// One open connection of an IP, released on drop.
-pub struct IpSlot(Arc<PerIp>, std::net::IpAddr);
+pub struct IpSlot(Arc<PerIp>, std::net::IpAddr, IpRequests);
+
+impl IpSlot {
+    /// The IP's requests in flight, for this connection's requests to count themselves in.
+    pub fn requests(&self) -> IpRequests {
+        self.2.clone()
+    }
+}
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
         let mut open = self.0.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.1) {
+        if let Some((n, _)) = open.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {
                 open.remove(&self.1);
             }
         }
         self.0.metrics.set_connection_ips(open.len());
+    }
+}
+
+/// The requests in flight of one client IP, over all its connections.
+#[derive(Clone)]
+pub struct IpRequests {
+    count: Arc<AtomicUsize>,
+    cap: Option<usize>,
+}
+
+impl IpRequests {
+    /// Counts a request in until the guard drops; `None` (not counted) when the IP has its
+    /// cap of requests in flight already.
+    pub fn enter(&self) -> Option<IpRequest> {
+        let before = self.count.fetch_add(1, Ordering::Relaxed);
+        if self.cap.is_some_and(|cap| before >= cap) {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(IpRequest(self.count.clone()))
+    }
+}
+
+/// A request counted in its IP's requests in flight.
+pub struct IpRequest(Arc<AtomicUsize>);
+
+impl Drop for IpRequest {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -298,7 +350,7 @@ mod tests {
     #[test]
     fn per_ip_slots_are_capped_and_entries_removed() {
         let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
-        let p = PerIp::new(2, metrics.clone());
+        let p = PerIp::new(Some(2), None, metrics.clone());
         let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
         let a = p.acquire(ip).unwrap();
         let b = p.acquire(ip).unwrap();
@@ -321,6 +373,39 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("mrp_connection_tracked_ips 0"), "{m}");
+    }
+
+    /// An IP's requests in flight are counted over all its connections and capped; the count
+    /// goes with the requests, and another IP has its own.
+    #[test]
+    fn requests_per_ip_are_counted_over_its_connections_and_capped() {
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+        let p = PerIp::new(None, Some(3), metrics);
+        let ip: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        let (a, b) = (p.acquire(ip).unwrap(), p.acquire(ip).unwrap());
+        let r1 = a.requests().enter().unwrap();
+        let r2 = a.requests().enter().unwrap();
+        let r3 = b.requests().enter().unwrap();
+        assert!(a.requests().enter().is_none());
+        assert!(b.requests().enter().is_none());
+        // Another address of the same /64 is the same client.
+        let c = p.acquire("2001:db8::2".parse().unwrap()).unwrap();
+        assert!(c.requests().enter().is_none());
+        let other = p.acquire("192.0.2.1".parse().unwrap()).unwrap();
+        let _o = other.requests().enter().unwrap();
+        drop(r1);
+        let r4 = c.requests().enter().unwrap();
+        drop((r2, r3, r4));
+        assert_eq!(a.requests().count.load(Ordering::Relaxed), 0);
+        // Not capped: counted only.
+        let p = PerIp::new(
+            None,
+            None,
+            Arc::new(crate::telemetry::metrics::Metrics::new()),
+        );
+        let s = p.acquire(ip).unwrap();
+        let held: Vec<_> = (0..1000).map(|_| s.requests().enter().unwrap()).collect();
+        assert_eq!(held.len(), 1000);
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::head_timer::{HeadClock, HeadTimer};
-use super::idle::{Activity, IpSlot, PerIp, TrackedIo};
+use super::idle::{Activity, IpRequests, IpSlot, PerIp, TrackedIo};
 use super::request::handle;
 use crate::app::App;
 use crate::config::HttpConfig;
@@ -69,10 +69,16 @@ pub async fn serve(
     // Past this many open connections the proxy stops accepting; the kernel backlog queues the
     // rest.
     let slots = Arc::new(Semaphore::new(app.http.max_connections));
-    let per_ip = app
-        .http
-        .max_connections_per_ip
-        .map(|cap| PerIp::new(cap, app.metrics.clone()));
+    // Connections and requests in flight per client IP (either cap set).
+    let per_ip = (app.http.max_connections_per_ip.is_some()
+        || app.http.max_requests_per_ip.is_some())
+    .then(|| {
+        PerIp::new(
+            app.http.max_connections_per_ip,
+            app.http.max_requests_per_ip,
+            app.metrics.clone(),
+        )
+    });
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -128,7 +134,7 @@ pub async fn serve(
 async fn serve_connection(
     app: Arc<App>,
     (stream, peer, acceptor): (TcpStream, SocketAddr, Option<TlsAcceptor>),
-    _slots: (OwnedSemaphorePermit, Option<IpSlot>),
+    slots: (OwnedSemaphorePermit, Option<IpSlot>),
     builder: auto::Builder<TokioExecutor>,
     watcher: Watcher,
 ) {
@@ -143,13 +149,17 @@ async fn serve_connection(
     let idle_timeout = app.http.idle_timeout;
     let activity = Activity::new();
     let act = activity.clone();
+    let ip_requests = slots.1.as_ref().map(IpSlot::requests);
     let svc = service_fn(move |req: Request<Incoming>| {
         let app = app.clone();
         let active = act.request();
         let conn = conn.clone();
+        // `None` inside: the IP has `http.max_requests_per_ip` in flight already.
+        let counted = ip_requests.as_ref().map(IpRequests::enter);
         async move {
-            let res = handle(app, req, conn).await;
-            drop(active);
+            let over = matches!(counted, Some(None));
+            let res = handle(app, req, conn, over).await;
+            drop((active, counted));
             Ok::<_, Infallible>(res)
         }
     });

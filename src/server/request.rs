@@ -25,6 +25,9 @@ use crate::upstream::ClientConn;
 /// Unread request bodies up to this size are read and discarded before a self-made answer, so
 /// the keep-alive connection stays usable; larger or slower ones get `Connection: close`.
 const DRAIN_LIMIT: usize = 64 * 1024;
+/// `retry_after_ms` of a request refused by `http.max_requests_per_ip`: a second is about when
+/// some of that client's other requests (not its long polls) have finished.
+const IP_CAP_RETRY_AFTER_MS: u64 = 1000;
 /// Time allowed for that drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -113,10 +116,13 @@ async fn dispatch(
 /// Routes one request, records its metrics and logs one line for it: method, route class,
 /// status, latency, request id and user id when known; never the path, the query or any other
 /// header.
+/// `over_ip_cap`: the client IP has `http.max_requests_per_ip` in flight already; the request
+/// is answered 429 without being handled.
 pub(super) async fn handle(
     app: Arc<App>,
     req: Request<Incoming>,
     conn: ClientConn,
+    over_ip_cap: bool,
 ) -> Response<Tracked> {
     let started = Instant::now();
     let h1 = req.version() <= http::Version::HTTP_11;
@@ -140,8 +146,15 @@ pub(super) async fn handle(
     // future twice (moved into the scope: rustc keeps both places), 10.5 KB moved by hyper on
     // every request (`memmove` 4.5 % of the proxy's CPU, the floor's 2 %); boxed, this future
     // is 1.4 KB and one allocation is cheaper (access token -3 % CPU per request side by side).
-    let handler = Box::pin(dispatch(&app, &route, req, &conn));
-    let result = RequestScope::new(request_id.clone(), handler).await;
+    let result = if over_ip_cap {
+        tracing::debug!(peer = %conn.peer.ip(), "request refused: http.max_requests_per_ip");
+        Err(ApiError::LimitExceeded {
+            retry_after_ms: IP_CAP_RETRY_AFTER_MS,
+        })
+    } else {
+        let handler = Box::pin(dispatch(&app, &route, req, &conn));
+        RequestScope::new(request_id.clone(), handler).await
+    };
     abandoned.armed = false;
     let (mut res, user) = match result {
         Ok(a) => (a.res, a.user),
