@@ -117,7 +117,7 @@ async fn dispatch(
 /// status, latency, request id and user id when known; never the path, the query or any other
 /// header.
 /// `over_ip_cap`: the client IP has `http.max_requests_per_ip` in flight already; the request
-/// is answered 429 without being handled.
+/// is answered 429 without being handled (but for /refresh).
 pub(super) async fn handle(
     app: Arc<App>,
     req: Request<Incoming>,
@@ -146,7 +146,9 @@ pub(super) async fn handle(
     // future twice (moved into the scope: rustc keeps both places), 10.5 KB moved by hyper on
     // every request (`memmove` 4.5 % of the proxy's CPU, the floor's 2 %); boxed, this future
     // is 1.4 KB and one allocation is cheaper (access token -3 % CPU per request side by side).
-    let result = if over_ip_cap {
+    // /refresh is never refused here: it holds no homeserver connection (what the cap protects),
+    // and some SDKs log out on any JSON error from /refresh (DESIGN.md §2 "/refresh").
+    let result = if over_ip_cap && route != Route::Refresh {
         tracing::debug!(peer = %conn.peer.ip(), "request refused: http.max_requests_per_ip");
         Err(ApiError::LimitExceeded {
             retry_after_ms: IP_CAP_RETRY_AFTER_MS,
