@@ -192,7 +192,9 @@ impl Pool {
         if let Ok(permit) = self.open.clone().try_acquire_owned() {
             return Ok((self.connect(permit).await?, false));
         }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
+        // Counted while waiting, also when this future is dropped mid-wait (client gone,
+        // response timeout): a count left behind would make every checkin notify.
+        let waiting = Waiting::enter(&self.waiting);
         let waited = tokio::time::timeout(self.wait, async {
             loop {
                 // Registered before looking, so a checkin in between still wakes this.
@@ -211,7 +213,7 @@ impl Pool {
             }
         })
         .await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        drop(waiting);
         match waited {
             Ok(Ok((Some(tx), _))) => Ok((tx, true)),
             Ok(Ok((None, Some(permit)))) => Ok((self.connect(permit).await?, false)),
@@ -307,6 +309,22 @@ impl Pool {
                 }
             }
         });
+    }
+}
+
+/// One request waiting at the connection cap, counted in `Pool::waiting` until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -667,6 +685,11 @@ mod tests {
             Err(SendError::Saturated)
         ));
         assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(p.waiting.load(Ordering::SeqCst), 0);
+        // A request dropped while it waits (client gone) is no longer counted as waiting.
+        let dropped = tokio::time::timeout(Duration::from_millis(50), p.send(get(&origin))).await;
+        assert!(dropped.is_err());
+        assert_eq!(p.waiting.load(Ordering::SeqCst), 0);
         // A waiting request takes the first connection that comes back (three answers: the
         // two in flight and the third's, on a connection one of them gave back).
         let third = spawn(&p);
