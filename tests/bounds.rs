@@ -366,10 +366,26 @@ async fn requests_in_flight_per_ip_are_capped() {
         // /refresh is never refused by this cap (it holds no homeserver connection, and some
         // SDKs log out on any JSON error from it).
         let refreshed = h.refresh(&rt(&s)).await;
-        (r, took, refreshed)
+        // A refused request with a body: the body is drained, the connection kept (no
+        // `Connection: close`, which could reset the connection before the client read the
+        // 429).
+        let posted = h
+            .post(
+                "/_matrix/client/v3/rooms/!r:fake.test/send/m.room.message/t1",
+                Some(&token),
+                json!({"msgtype": "m.text", "body": "hello"}),
+            )
+            .await;
+        (r, took, refreshed, posted)
     };
-    let (a, b, (r, took, refreshed)) = tokio::join!(poll(), poll(), third);
+    let (a, b, (r, took, refreshed, posted)) = tokio::join!(poll(), poll(), third);
     assert_eq!(refreshed.status, 200, "{:?}", refreshed.body);
+    assert_eq!(posted.status, 429, "{:?}", posted.body);
+    assert!(
+        posted.headers.get("connection").is_none(),
+        "{:?}",
+        posted.headers
+    );
     assert_eq!(a.status, 200);
     assert_eq!(b.status, 200);
     assert_eq!(r.status, 429, "{:?}", r.body);

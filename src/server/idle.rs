@@ -157,9 +157,10 @@ impl PerIp {
 pub struct IpSlot(Arc<PerIp>, std::net::IpAddr, IpRequests);
 
 impl IpSlot {
-    /// The IP's requests in flight, for this connection's requests to count themselves in.
-    pub fn requests(&self) -> IpRequests {
-        self.2.clone()
+    /// The IP's requests in flight, for this connection's requests to count themselves in;
+    /// `None` when they are not capped (nothing to count).
+    pub fn requests(&self) -> Option<IpRequests> {
+        self.2.cap.is_some().then(|| self.2.clone())
     }
 }
 
@@ -383,29 +384,27 @@ mod tests {
         let p = PerIp::new(None, Some(3), metrics);
         let ip: std::net::IpAddr = "2001:db8::1".parse().unwrap();
         let (a, b) = (p.acquire(ip).unwrap(), p.acquire(ip).unwrap());
-        let r1 = a.requests().enter().unwrap();
-        let r2 = a.requests().enter().unwrap();
-        let r3 = b.requests().enter().unwrap();
-        assert!(a.requests().enter().is_none());
-        assert!(b.requests().enter().is_none());
+        let r1 = a.requests().unwrap().enter().unwrap();
+        let r2 = a.requests().unwrap().enter().unwrap();
+        let r3 = b.requests().unwrap().enter().unwrap();
+        assert!(a.requests().unwrap().enter().is_none());
+        assert!(b.requests().unwrap().enter().is_none());
         // Another address of the same /64 is the same client.
         let c = p.acquire("2001:db8::2".parse().unwrap()).unwrap();
-        assert!(c.requests().enter().is_none());
+        assert!(c.requests().unwrap().enter().is_none());
         let other = p.acquire("192.0.2.1".parse().unwrap()).unwrap();
-        let _o = other.requests().enter().unwrap();
+        let _o = other.requests().unwrap().enter().unwrap();
         drop(r1);
-        let r4 = c.requests().enter().unwrap();
+        let r4 = c.requests().unwrap().enter().unwrap();
         drop((r2, r3, r4));
-        assert_eq!(a.requests().count.load(Ordering::Relaxed), 0);
-        // Not capped: counted only.
+        assert_eq!(a.requests().unwrap().count.load(Ordering::Relaxed), 0);
+        // Not capped: nothing to count.
         let p = PerIp::new(
-            None,
+            Some(2),
             None,
             Arc::new(crate::telemetry::metrics::Metrics::new()),
         );
-        let s = p.acquire(ip).unwrap();
-        let held: Vec<_> = (0..1000).map(|_| s.requests().enter().unwrap()).collect();
-        assert_eq!(held.len(), 1000);
+        assert!(p.acquire(ip).unwrap().requests().is_none());
     }
 
     #[tokio::test(start_paused = true)]

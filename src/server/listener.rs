@@ -149,17 +149,17 @@ async fn serve_connection(
     let idle_timeout = app.http.idle_timeout;
     let activity = Activity::new();
     let act = activity.clone();
-    let ip_requests = slots.1.as_ref().map(IpSlot::requests);
+    let ip_requests = slots.1.as_ref().and_then(IpSlot::requests);
     let svc = service_fn(move |req: Request<Incoming>| {
         let app = app.clone();
         let active = act.request();
         let conn = conn.clone();
-        // `None` inside: the IP has `http.max_requests_per_ip` in flight already.
+        // `None` inside: the IP has `http.max_requests_per_ip` in flight already. The count
+        // goes with the answer's body (`Tracked`).
         let counted = ip_requests.as_ref().map(IpRequests::enter);
         async move {
-            let over = matches!(counted, Some(None));
-            let res = handle(app, req, conn, over).await;
-            drop((active, counted));
+            let res = handle(app, req, conn, counted).await;
+            drop(active);
             Ok::<_, Infallible>(res)
         }
     });

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, header};
 use hyper::body::{Frame, Incoming, SizeHint};
 
+use super::idle::IpRequest;
 use super::{ApiError, Handled, login, passthrough, refresh};
 use crate::app::App;
 use crate::body::{Body, BodyState, BoxError, ClientBody, read_limited};
@@ -116,14 +117,17 @@ async fn dispatch(
 /// Routes one request, records its metrics and logs one line for it: method, route class,
 /// status, latency, request id and user id when known; never the path, the query or any other
 /// header.
-/// `over_ip_cap`: the client IP has `http.max_requests_per_ip` in flight already; the request
-/// is answered 429 without being handled (but for /refresh).
+/// `ip_count`: the request's place in its client IP's requests in flight, `Some(None)` when the
+/// IP has `http.max_requests_per_ip` in flight already: the request is then answered 429
+/// without being handled (but for /refresh). Held by the answer's body until it ends: a body
+/// still streaming holds its homeserver connection.
 pub(super) async fn handle(
     app: Arc<App>,
     req: Request<Incoming>,
     conn: ClientConn,
-    over_ip_cap: bool,
+    ip_count: Option<Option<IpRequest>>,
 ) -> Response<Tracked> {
+    let over_ip_cap = matches!(ip_count, Some(None));
     let started = Instant::now();
     let h1 = req.version() <= http::Version::HTTP_11;
     let (parts, b) = req.into_parts();
@@ -149,6 +153,9 @@ pub(super) async fn handle(
     // /refresh is never refused here: it holds no homeserver connection (what the cap protects),
     // and some SDKs log out on any JSON error from /refresh (DESIGN.md §2 "/refresh").
     let result = if over_ip_cap && route != Route::Refresh {
+        // The body is left now, so that it is drained below like any unread body (not a
+        // `Connection: close`).
+        drop(req);
         tracing::debug!(peer = %conn.peer.ip(), "request refused: http.max_requests_per_ip");
         Err(ApiError::LimitExceeded {
             retry_after_ms: IP_CAP_RETRY_AFTER_MS,
@@ -198,6 +205,7 @@ pub(super) async fn handle(
     res.map(|inner| Tracked {
         inner,
         _in_flight: in_flight,
+        _ip_count: ip_count.flatten(),
     })
 }
 
@@ -231,6 +239,8 @@ impl Drop for Abandoned<'_> {
 pub(super) struct Tracked {
     inner: Body,
     _in_flight: InFlightGauge,
+    /// The request in its client IP's count (`http.max_requests_per_ip`), until the body ends.
+    _ip_count: Option<IpRequest>,
 }
 
 impl hyper::body::Body for Tracked {

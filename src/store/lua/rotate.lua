@@ -2,7 +2,9 @@
 -- A concurrent rotation that won first is reported as grace with the winner's successor, so
 -- every caller gets the same pair.
 -- KEYS: 1 old refresh record, 2 session, 3 used-refresh set, 4 new access record,
---       5 new refresh record
+--       5 new refresh record. The session's other keys (the markers `x`, the key index `k` of
+--       earlier versions, the records of earlier tokens) are named from the key prefix: every
+--       key of a session has its hash tag, so all are in the one slot the script runs on.
 -- ARGV: 1 clock offset ms, 2 old refresh id, 3 new access id, 4 new refresh id,
 --       5 access sealed, 6 refresh sealed, 7 sealed successor, 8 key prefix,
 --       9 access lifetime ms, 10 refresh idle lifetime ms (0 = none)
