@@ -182,6 +182,26 @@ fn bounded(
     Ok(v as usize)
 }
 
+/// A cap that 0 or null turns off: `default` when the key is absent, else 1 to `max`.
+fn optional_cap(
+    key: &str,
+    v: Option<Option<u64>>,
+    default: Option<usize>,
+    max: u64,
+) -> Result<Option<usize>, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(None) | Some(Some(0)) => Ok(None),
+        Some(Some(n)) => bounded(
+            key,
+            n,
+            1..=max,
+            &format!("must be between 0 (no cap) and {max}"),
+        )
+        .map(Some),
+    }
+}
+
 impl Raw {
     /// YAML text; an empty file is all defaults (and fails for want of `upstream.url`).
     pub(super) fn from_yaml(text: &str) -> Result<Self, ConfigError> {
@@ -500,28 +520,20 @@ impl RawHttp {
             1..=1_000_000,
             "must be between 1 and 1000000",
         )?;
-        let max_connections_per_ip = match self.max_connections_per_ip {
-            None => Some(256),
-            Some(None) | Some(Some(0)) => None,
-            Some(Some(n)) => Some(bounded(
-                "http.max_connections_per_ip",
-                n,
-                1..=1_000_000,
-                "must be between 0 (no cap) and 1000000",
-            )?),
-        };
+        let max_connections_per_ip = optional_cap(
+            "http.max_connections_per_ip",
+            self.max_connections_per_ip,
+            Some(256),
+            1_000_000,
+        )?;
         // Default: four requests per connection the IP may open, and off when that cap is off
         // (behind a reverse proxy every request comes from its address).
-        let max_requests_per_ip = match self.max_requests_per_ip {
-            None => max_connections_per_ip.map(|c| c.saturating_mul(4)),
-            Some(None) | Some(Some(0)) => None,
-            Some(Some(n)) => Some(bounded(
-                "http.max_requests_per_ip",
-                n,
-                1..=100_000_000,
-                "must be between 0 (no cap) and 100000000",
-            )?),
-        };
+        let max_requests_per_ip = optional_cap(
+            "http.max_requests_per_ip",
+            self.max_requests_per_ip,
+            max_connections_per_ip.map(|c| c.saturating_mul(4)),
+            100_000_000,
+        )?;
         Ok(HttpConfig {
             max_json_body,
             max_requests_per_ip,

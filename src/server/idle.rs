@@ -137,30 +137,30 @@ impl PerIp {
     pub fn acquire(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
         let ip = crate::ratelimit::ip_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let (n, requests) = open.entry(ip).or_default();
+        let (n, count) = open.entry(ip).or_default();
         if *n >= self.cap {
             drop(open);
             self.metrics.connection_rejected_per_ip();
             return None;
         }
         *n += 1;
-        let requests = IpRequests {
-            count: requests.clone(),
-            cap: self.requests_cap,
-        };
+        let requests = self.requests_cap.map(|cap| IpRequests {
+            count: count.clone(),
+            cap,
+        });
         self.metrics.set_connection_ips(open.len());
         Some(IpSlot(self.clone(), ip, requests))
     }
 }
 
 /// One open connection of an IP, released on drop.
-pub struct IpSlot(Arc<PerIp>, std::net::IpAddr, IpRequests);
+pub struct IpSlot(Arc<PerIp>, std::net::IpAddr, Option<IpRequests>);
 
 impl IpSlot {
     /// The IP's requests in flight, for this connection's requests to count themselves in;
     /// `None` when they are not capped (nothing to count).
     pub fn requests(&self) -> Option<IpRequests> {
-        self.2.cap.is_some().then(|| self.2.clone())
+        self.2.clone()
     }
 }
 
@@ -181,7 +181,7 @@ impl Drop for IpSlot {
 #[derive(Clone)]
 pub struct IpRequests {
     count: Arc<AtomicUsize>,
-    cap: Option<usize>,
+    cap: usize,
 }
 
 impl IpRequests {
@@ -189,7 +189,7 @@ impl IpRequests {
     /// cap of requests in flight already.
     pub fn enter(&self) -> Option<IpRequest> {
         let before = self.count.fetch_add(1, Ordering::Relaxed);
-        if self.cap.is_some_and(|cap| before >= cap) {
+        if before >= self.cap {
             self.count.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
